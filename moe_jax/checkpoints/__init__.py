@@ -1,0 +1,1 @@
+"""Checkpoint helpers: orbax utilities and HF transformers Switch import/export."""

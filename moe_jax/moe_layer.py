@@ -1,0 +1,161 @@
+"""MoeLayer: tokens [b,l,m] -> groups [g,s,m] -> route -> dispatch -> experts -> combine.
+
+A dropped token's output is exactly 0; it continues through the block's residual connection.
+Losses and metrics are sown into the flax collection 'moe' (apply with mutable=['moe']);
+`summarize` turns that collection into the model's aux losses and per-layer metrics.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax import dispatch as dispatch_lib
+from moe_jax import routing
+
+Array = jax.Array
+
+ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu, "linear": lambda x: x}
+_LOSSES = ("load_balance_loss", "router_z_loss")
+
+
+def group_shape(num_tokens: int, *, group_size: int | None, num_groups: int | None,
+                num_expert_partitions: int = 1) -> tuple[int, int]:
+  """(G, S) for `num_tokens` tokens; G·S >= num_tokens, the rest is padding.
+
+  `num_groups` wins when given; otherwise G = ceil(T / group_size). Either way G is a multiple
+  of the expert partitions so each expert shard gets whole groups.
+  """
+  if num_groups is not None:
+    if num_groups % num_expert_partitions:
+      raise ValueError(f"num_groups={num_groups} must be a multiple of "
+                       f"num_expert_partitions={num_expert_partitions}")
+    g = num_groups
+  elif group_size is not None:
+    g = -(-math.ceil(num_tokens / group_size) // num_expert_partitions) * num_expert_partitions
+  else:
+    raise ValueError("MoeLayer needs group_size or num_groups")
+  return g, -(-num_tokens // g)
+
+
+class MoeLayer(nn.Module):
+  """Sparse feed-forward block: a router and E expert FFNs with stacked weights.
+
+  Attributes:
+    num_experts: E.
+    d_ff: expert hidden dim h.
+    router: a routing.Router (TokensChooseRouter, ExpertsChooseRouter).
+    train_capacity_factor / eval_capacity_factor: cf in training / when deterministic.
+    min_expert_capacity, capacity_mode, capacity_multiple_of: see routing.expert_capacity.
+    group_size / num_groups: how tokens are grouped (num_groups wins when set).
+    num_expert_partitions: groups come in multiples of this (the mesh's 'expert' size).
+    activations: ('relu',) for T5 v1.0, ('gelu', 'linear') for gated-gelu (v1.1).
+    dropout_rate: expert dropout on the hidden activations.
+    dtype: dtype of the dispatched activations and expert matmuls (bfloat16 on TPU); the router
+      is always float32.
+    causal: the layer sits in a decoder; routers that see later tokens are refused.
+    dispatch: strategy name in dispatch.STRATEGIES.
+  """
+  num_experts: int
+  d_ff: int
+  router: routing.Router
+  train_capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  min_expert_capacity: int = 4
+  capacity_mode: str = "ceil"
+  capacity_multiple_of: int = 1
+  group_size: int | None = 1024
+  num_groups: int | None = None
+  num_expert_partitions: int = 1
+  activations: Sequence[str] = ("relu",)
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+  causal: bool = False
+  dispatch: str = "einsum"
+
+  def __post_init__(self):
+    if self.router.num_experts != self.num_experts:
+      raise ValueError(f"router num_experts={self.router.num_experts} != MoeLayer "
+                       f"num_experts={self.num_experts}")
+    if self.num_experts % self.num_expert_partitions:
+      raise ValueError(f"num_experts={self.num_experts} is not divisible by "
+                       f"num_expert_partitions={self.num_expert_partitions}")
+    if self.dispatch not in dispatch_lib.STRATEGIES:
+      raise ValueError(f"dispatch={self.dispatch!r} is not one of {sorted(dispatch_lib.STRATEGIES)}")
+    unknown = [a for a in self.activations if a not in ACTIVATIONS]
+    if unknown:
+      raise ValueError(f"activations={tuple(self.activations)} has unknown {unknown}; "
+                       f"known: {sorted(ACTIVATIONS)}")
+    routing.check_router(self.router, self.causal)
+    super().__post_init__()
+
+  def expert_capacity(self, group_size: int, deterministic: bool) -> int:
+    cf = self.eval_capacity_factor if deterministic else self.train_capacity_factor
+    return routing.expert_capacity(
+        group_size, self.num_experts, cf, num_selected_experts=self.router.capacity_k,
+        min_capacity=self.min_expert_capacity, mode=self.capacity_mode,
+        multiple_of=self.capacity_multiple_of)
+
+  def experts(self, x: Array, deterministic: bool) -> Array:
+    """Expert FFNs on their buffers: x [e,g,c,m] -> [e,g,c,m]."""
+    e, m = self.num_experts, x.shape[-1]
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                            in_axis=-2, out_axis=-1, batch_axis=(0,))
+    hidden_axes = ("expert", "expert_replicas", "unmodeled", "expert_mlp")
+    h = 1.0
+    for i, act in enumerate(self.activations):
+      name = "wi" if len(self.activations) == 1 else f"wi_{i}"
+      w = self.param(name, nn.with_logical_partitioning(init, ("expert", "embed", "expert_mlp")),
+                     (e, m, self.d_ff), jnp.float32)
+      hi = jnp.einsum("egcm,emh->egch", x, jnp.asarray(w, self.dtype))
+      h = h * ACTIVATIONS[act](nn.with_logical_constraint(hi, hidden_axes))
+    h = nn.Dropout(self.dropout_rate, broadcast_dims=())(h, deterministic=deterministic)
+    wo = self.param("wo", nn.with_logical_partitioning(init, ("expert", "expert_mlp", "embed")),
+                    (e, self.d_ff, m), jnp.float32)
+    return jnp.einsum("egch,ehm->egcm", h, jnp.asarray(wo, self.dtype))
+
+  @nn.compact
+  def __call__(self, x: Array, padding_mask: Array | None = None, *,
+               deterministic: bool) -> Array:
+    """x [b,l,m]; padding_mask [b,l] (True = real token) -> [b,l,m] in x's dtype."""
+    b, l, m = x.shape
+    tokens = b * l
+    g, s = group_shape(tokens, group_size=self.group_size, num_groups=self.num_groups,
+                       num_expert_partitions=self.num_expert_partitions)
+    valid = (jnp.ones((b, l), bool) if padding_mask is None else padding_mask.astype(bool))
+    pad = g * s - tokens
+    groups = jnp.pad(x.reshape(tokens, m), ((0, pad), (0, 0))).reshape(g, s, m)
+    valid = jnp.pad(valid.reshape(tokens), (0, pad)).reshape(g, s)
+    groups = nn.with_logical_constraint(groups, dispatch_lib.GROUP_AXES)
+
+    capacity = self.expert_capacity(s, deterministic)
+    decision = self.router(groups, capacity=capacity, valid=valid, deterministic=deterministic)
+    y = dispatch_lib.STRATEGIES[self.dispatch](
+        groups, decision, lambda h: self.experts(h, deterministic), self.num_experts, capacity,
+        self.dtype)
+
+    self.sow("moe", "load_balance_loss", decision.load_balance_loss)
+    self.sow("moe", "router_z_loss", decision.router_z_loss)
+    for name, value in decision.metrics.items():
+      self.sow("moe", name, value)
+    return y.reshape(g * s, m)[:tokens].reshape(b, l, m).astype(x.dtype)
+
+
+def summarize(moe_collection: Any) -> tuple[dict[str, Array], dict[str, Array]]:
+  """The 'moe' collection -> (losses, metrics).
+
+  losses: load_balance_loss and router_z_loss averaged over MoE layers (0 without MoE layers).
+  metrics: every sown value keyed 'path/to/layer/name', averaged over repeated calls.
+  """
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(moe_collection or {}), sep="/")
+  metrics = {k: jnp.mean(jnp.stack(v), axis=0) for k, v in flat.items()}
+  losses = {}
+  for name in _LOSSES:
+    values = [v for k, v in metrics.items() if k.rsplit("/", 1)[-1] == name]
+    losses[name] = jnp.mean(jnp.stack(values)) if values else jnp.zeros((), jnp.float32)
+  return losses, metrics
+

@@ -1,0 +1,292 @@
+"""Routers: token representations -> routing decision, auxiliary losses and metrics.
+
+Every router returns a `RouterOutput` in one format, `[g, s, k]` assignments (expert index, slot
+in that expert's buffer, gate, kept), so one dispatch code path serves them all. Expert choice
+uses k = E (assignment j of a token is "expert j took it or not").
+
+Semantics follow DESIGN.md section 4: router in float32, priority k-major (all first choices take
+capacity before any second choice), Switch combine weight = raw softmax probability, GShard
+top-2 with gate normalization and second-expert policies, expert choice.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+CAPACITY_MODES = ("ceil", "flaxformer", "mesh_tf")
+SECOND_EXPERT_POLICIES = ("all", "random", "sampling", "none")
+
+
+def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, *,
+                    num_selected_experts: int = 1, min_capacity: int = 1,
+                    mode: str = "ceil", multiple_of: int = 1) -> int:
+  """Slots per expert per group (C).
+
+  Modes, so each reference implementation's value can be reproduced:
+    ceil (default):  ceil(k · cf · S / E)             GShard paper 2S/E at k=2, cf=1
+    flaxformer:      round(cf · S / E)                 (no ×k)
+    mesh_tf:         min(S, int(S · cf / E))
+  then at least `min_capacity`, then rounded up to a multiple of `multiple_of` (Praxis: 4).
+  """
+  if mode not in CAPACITY_MODES:
+    raise ValueError(f"capacity mode={mode!r} is not one of {CAPACITY_MODES}")
+  if capacity_factor <= 0:
+    raise ValueError(f"capacity_factor={capacity_factor} must be > 0")
+  s, e = num_tokens, num_experts
+  if mode == "ceil":
+    # The epsilon keeps float noise (1.1 * 100 / 11 = 10.000000000000002) from adding a slot.
+    cap = math.ceil(num_selected_experts * capacity_factor * s / e - 1e-9)
+  elif mode == "flaxformer":
+    cap = round(capacity_factor * s / e)
+  else:
+    cap = min(s, int(s * capacity_factor / e))
+  cap = max(cap, min_capacity)
+  return -(-cap // multiple_of) * multiple_of
+
+
+@flax.struct.dataclass
+class RouterOutput:
+  """Routing decision for `[g, s]` tokens with `k` assignments each.
+
+  expert_index: [g, s, k] int32, expert of each assignment.
+  slot:         [g, s, k] int32, position in that expert's buffer (meaningful where kept).
+  gate:         [g, s, k] float32 combine weight; 0 where not kept.
+  kept:         [g, s, k] bool, assignment holds a slot (chosen, active, within capacity).
+  load_balance_loss, router_z_loss: float32 scalars (unweighted).
+  metrics: dict of float32 scalars and `expert_load` [e].
+  """
+  expert_index: Array
+  slot: Array
+  gate: Array
+  kept: Array
+  load_balance_loss: Array
+  router_z_loss: Array
+  metrics: dict[str, Array]
+
+
+def load_balance_loss(probs: Array, first_choice: Array, valid: Array) -> Array:
+  """Switch load-balance loss E · Σ_e f_e · P_e per group, averaged over groups.
+
+  probs [g,s,e]; first_choice [g,s] int (before capacity); valid [g,s] bool. Equals 1 for a
+  uniform router. Groups without real tokens do not count.
+  """
+  num_experts = probs.shape[-1]
+  w = valid.astype(jnp.float32)
+  n = w.sum(-1)  # [g]
+  denom = jnp.maximum(n, 1.0)[:, None]
+  f = jnp.einsum("gse,gs->ge", jax.nn.one_hot(first_choice, num_experts), w) / denom
+  p = jnp.einsum("gse,gs->ge", probs, w) / denom
+  per_group = num_experts * jnp.sum(f * p, axis=-1)
+  has_tokens = (n > 0).astype(jnp.float32)
+  return jnp.sum(per_group * has_tokens) / jnp.maximum(has_tokens.sum(), 1.0)
+
+
+def router_z_loss(logits: Array, valid: Array) -> Array:
+  """ST-MoE router z-loss: mean over real tokens of logsumexp(logits)². logits [g,s,e]."""
+  z = jax.nn.logsumexp(logits, axis=-1) ** 2
+  w = valid.astype(jnp.float32)
+  return jnp.sum(z * w) / jnp.maximum(w.sum(), 1.0)
+
+
+def _masked_mean(x: Array, w: Array) -> Array:
+  return jnp.sum(x * w) / jnp.maximum(w.sum(), 1.0)
+
+
+def routing_metrics(probs: Array, kept: Array, expert_index: Array, valid: Array) -> dict[str, Array]:
+  """Per-layer metrics: fraction of real tokens sent to no expert, load per expert, router
+  confidence (mean top-1 probability) and router entropy (nats). probs [g,s,e]; the rest [g,s,k]."""
+  num_experts = probs.shape[-1]
+  w = valid.astype(jnp.float32)
+  kept_f = kept.astype(jnp.float32)
+  routed = jnp.any(kept, axis=-1).astype(jnp.float32)
+  per_expert = jnp.einsum("gske,gsk->e", jax.nn.one_hot(expert_index, num_experts), kept_f)
+  entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+  return {
+      "fraction_dropped": 1.0 - _masked_mean(routed, w),
+      "expert_load": per_expert / jnp.maximum(per_expert.sum(), 1.0),
+      "router_confidence": _masked_mean(jnp.max(probs, axis=-1), w),
+      "router_entropy": _masked_mean(entropy, w),
+  }
+
+
+class Router(nn.Module):
+  """Base router: owns the float32 router weights `w` [m, e] and turns tokens into logits.
+
+  Attributes:
+    num_experts: E.
+    jitter_noise: ε of the multiplicative input jitter x · U(1-ε, 1+ε), training only, drawn from
+      the 'router' rng stream.
+    router_init_scale: variance-scaling (fan-in, truncated normal) scale; Switch uses 0.1.
+  """
+  num_experts: int
+  jitter_noise: float = 0.0
+  router_init_scale: float = 0.1
+
+  # Whether the router may be used where tokens must not see later tokens (decoders).
+  causal_safe: ClassVar[bool] = True
+
+  @property
+  def capacity_k(self) -> int:
+    """k used in the capacity formula."""
+    return 1
+
+  @nn.compact
+  def router_logits(self, x: Array, deterministic: bool) -> Array:
+    """x [g,s,m] -> logits [g,s,e] in float32."""
+    x = x.astype(jnp.float32)
+    if self.jitter_noise > 0 and not deterministic:
+      x = x * jax.random.uniform(self.make_rng("router"), x.shape, jnp.float32,
+                                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+    init = nn.initializers.variance_scaling(self.router_init_scale, "fan_in", "truncated_normal")
+    w = self.param("w", nn.with_logical_partitioning(init, ("embed", "unmodeled")),
+                   (x.shape[-1], self.num_experts), jnp.float32)
+    return jnp.einsum("gsm,me->gse", x, jnp.asarray(w, jnp.float32))
+
+  def route(self, logits: Array, valid: Array, capacity: int, deterministic: bool) -> RouterOutput:
+    raise NotImplementedError
+
+  def __call__(self, x: Array, *, capacity: int, valid: Array | None = None,
+               deterministic: bool) -> RouterOutput:
+    """x [g,s,m]; valid [g,s] bool marks real (non-padding) tokens; capacity = C."""
+    if valid is None:
+      valid = jnp.ones(x.shape[:2], bool)
+    return self.route(self.router_logits(x, deterministic), valid, capacity, deterministic)
+
+
+class TokensChooseRouter(Router):
+  """Each token picks its top-k experts (Switch top-1, GShard top-2, general top-k).
+
+  Attributes:
+    num_selected_experts: k.
+    second_expert_policy: what happens to choices after the first, in training:
+      'all' keep them; 'random' keep one when U < gate / second_expert_threshold (GShard's
+      "2·p2" is threshold 0.5); 'sampling' draw them from the router distribution with the
+      earlier choices masked (Gumbel); 'none' drop them.
+    eval_second_expert_policy: the policy when deterministic (default 'all': evaluation stays
+      deterministic and needs no rng).
+    normalize_gates: divide the gates by their sum over the k choices (GShard). Switch (k=1)
+      uses the raw probability.
+    normalize_before_drop: normalize over the chosen experts before capacity and policy drop
+      them (GShard, Mesh-TF); False normalizes over the kept ones (fairseq, DeepSpeed).
+    batch_prioritized: V-MoE batch-prioritized routing: tokens with a higher top-1 probability
+      take capacity first. Leaks later tokens' routing, so decoders refuse it.
+  """
+  num_selected_experts: int = 1
+  second_expert_policy: str = "all"
+  second_expert_threshold: float = 0.5
+  eval_second_expert_policy: str = "all"
+  normalize_gates: bool = False
+  normalize_before_drop: bool = True
+  batch_prioritized: bool = False
+
+  def __post_init__(self):
+    for name in ("second_expert_policy", "eval_second_expert_policy"):
+      if getattr(self, name) not in SECOND_EXPERT_POLICIES:
+        raise ValueError(f"{name}={getattr(self, name)!r} is not one of {SECOND_EXPERT_POLICIES}")
+    if not 1 <= self.num_selected_experts <= self.num_experts:
+      raise ValueError(f"num_selected_experts={self.num_selected_experts} must be in "
+                       f"[1, num_experts={self.num_experts}]")
+    if self.second_expert_threshold <= 0:
+      raise ValueError(f"second_expert_threshold={self.second_expert_threshold} must be > 0")
+    super().__post_init__()
+
+  @property
+  def causal_safe(self) -> bool:  # type: ignore[override]
+    return not self.batch_prioritized
+
+  @property
+  def capacity_k(self) -> int:
+    return self.num_selected_experts
+
+  def route(self, logits: Array, valid: Array, capacity: int, deterministic: bool) -> RouterOutput:
+    g, s, e = logits.shape
+    k = self.num_selected_experts
+    probs = jax.nn.softmax(logits, axis=-1)
+    policy = self.eval_second_expert_policy if deterministic else self.second_expert_policy
+
+    gate, index = jax.lax.top_k(probs, k)  # [g,s,k]
+    if policy == "sampling" and k > 1:
+      # Choices 2..k drawn without replacement (Gumbel top-k) with the first expert masked.
+      gumbel = jax.random.gumbel(self.make_rng("router"), logits.shape)
+      scores = jnp.where(jax.nn.one_hot(index[..., 0], e, dtype=bool), -jnp.inf, logits + gumbel)
+      _, rest = jax.lax.top_k(scores, k - 1)
+      index = jnp.concatenate([index[..., :1], rest], axis=-1)
+      gate = jnp.take_along_axis(probs, index, axis=-1)
+    if self.normalize_gates and self.normalize_before_drop:
+      gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
+
+    active = jnp.broadcast_to(valid[..., None], (g, s, k))
+    later = jnp.arange(k) > 0  # [k]: choices the policy governs
+    if policy == "none":
+      active = active & ~later
+    elif policy == "random" and k > 1:
+      u = jax.random.uniform(self.make_rng("router"), (g, s, k))
+      active = active & (~later | (u < gate / self.second_expert_threshold))
+
+    # Priority: all first choices before any second choice; within a choice rank, token order
+    # (or descending top-1 probability with batch-prioritized routing).
+    order = (jnp.argsort(-probs.max(-1), axis=-1, stable=True) if self.batch_prioritized
+             else jnp.broadcast_to(jnp.arange(s), (g, s)))
+    take = lambda a: jnp.take_along_axis(a, order[..., None], axis=1)  # noqa: E731  [g,s,k]
+    onehot = jax.nn.one_hot(take(index), e, dtype=jnp.int32) * take(active)[..., None]
+    # [g,s,k,e] -> [g,k,s,e] -> cumsum over (k, s) in k-major order.
+    kmajor = onehot.transpose(0, 2, 1, 3).reshape(g, k * s, e)
+    position = jnp.cumsum(kmajor, axis=1) - 1
+    position = position.reshape(g, k, s, e).transpose(0, 2, 1, 3)
+    slot_sorted = jnp.sum(position * onehot, axis=-1)  # [g,s,k]
+    inverse = jnp.argsort(order, axis=-1)
+    slot = jnp.take_along_axis(slot_sorted, inverse[..., None], axis=1)
+    kept = active & (slot < capacity)
+
+    if self.normalize_gates and not self.normalize_before_drop:
+      kept_gate = jnp.where(kept, gate, 0.0)
+      gate = kept_gate / jnp.maximum(jnp.sum(kept_gate, axis=-1, keepdims=True), 1e-9)
+    gate = jnp.where(kept, gate, 0.0)
+
+    return RouterOutput(
+        expert_index=index.astype(jnp.int32), slot=slot.astype(jnp.int32), gate=gate, kept=kept,
+        load_balance_loss=load_balance_loss(probs, jnp.argmax(probs, axis=-1), valid),
+        router_z_loss=router_z_loss(logits, valid),
+        metrics=routing_metrics(probs, kept, index, valid))
+
+
+class ExpertsChooseRouter(Router):
+  """Expert choice (Zhou et al. 2022): each expert takes the top-C tokens of the group by
+  router probability; a token may get 0..E experts. No load-balance loss (it is balanced by
+  construction; reported as 0). Sees the whole group, so decoders refuse it."""
+  causal_safe: ClassVar[bool] = False
+
+  def route(self, logits: Array, valid: Array, capacity: int, deterministic: bool) -> RouterOutput:
+    g, s, e = logits.shape
+    if capacity > s:
+      raise ValueError(f"expert capacity {capacity} exceeds the group size {s} (expert choice)")
+    probs = jax.nn.softmax(logits, axis=-1)
+    # Padding never wins a slot while a real token is left (probabilities are >= 0).
+    scores = jnp.where(valid[..., None], probs, -1.0).transpose(0, 2, 1)  # [g,e,s]
+    _, token = jax.lax.top_k(scores, capacity)  # [g,e,c]
+    picked = jax.nn.one_hot(token, s, dtype=jnp.int32)  # [g,e,c,s]
+    chosen = jnp.einsum("gecs->gse", picked) > 0
+    slot = jnp.einsum("gecs,c->gse", picked, jnp.arange(capacity, dtype=jnp.int32))
+    kept = chosen & valid[..., None]
+    index = jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32), (g, s, e))
+    return RouterOutput(
+        expert_index=index, slot=slot, gate=jnp.where(kept, probs, 0.0), kept=kept,
+        load_balance_loss=jnp.zeros((), jnp.float32),
+        router_z_loss=router_z_loss(logits, valid),
+        metrics=routing_metrics(probs, kept, index, valid))
+
+
+def check_router(router: Any, causal: bool) -> None:
+  """Raise a one-line error when a router that leaks later tokens is used in a decoder."""
+  if causal and not router.causal_safe:
+    what = ("batch_prioritized routing" if isinstance(router, TokensChooseRouter)
+            else type(router).__name__)
+    raise ValueError(f"{what} leaks future tokens and cannot be used in a causal (decoder) "
+                     "MoE layer; use TokensChooseRouter without batch_prioritized there")
