@@ -90,33 +90,40 @@ class MoeLayer(nn.Module):
     if unknown:
       raise ValueError(f"activations={tuple(self.activations)} has unknown {unknown}; "
                        f"known: {sorted(ACTIVATIONS)}")
+    if self.dispatch == "dropless" and isinstance(self.router, routing.ExpertsChooseRouter):
+      raise ValueError("dispatch='dropless' needs a tokens-choose router: expert choice is "
+                       "capacity-bounded by definition")
+    if self.dispatch == "dropless" and self.num_expert_partitions > 1:
+      raise ValueError("dispatch='dropless' does not shard over the 'expert' mesh axis yet "
+                       f"(num_expert_partitions={self.num_expert_partitions}); use 'einsum' or "
+                       "'indices' there")
     routing.check_router(self.router, self.causal)
     super().__post_init__()
 
   def expert_capacity(self, group_size: int, deterministic: bool) -> int:
+    if self.dispatch == "dropless":
+      return group_size  # an expert can take every token of the group: nothing drops
     cf = self.eval_capacity_factor if deterministic else self.train_capacity_factor
     return routing.expert_capacity(
         group_size, self.num_experts, cf, num_selected_experts=self.router.capacity_k,
         min_capacity=self.min_expert_capacity, mode=self.capacity_mode,
         multiple_of=self.capacity_multiple_of)
 
-  def experts(self, x: Array, deterministic: bool) -> Array:
-    """Expert FFNs on their buffers: x [e,g,c,m] -> [e,g,c,m]."""
-    e, m = self.num_experts, x.shape[-1]
+  def experts(self, m: int, deterministic: bool) -> dispatch_lib.Experts:
+    """Stacked expert weights wi [e,m,h] (wi_0, wi_1 when gated) and wo [e,h,m]."""
+    e = self.num_experts
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                             in_axis=-2, out_axis=-1, batch_axis=(0,))
-    hidden_axes = ("expert", "expert_replicas", "unmodeled", "expert_mlp")
-    h = 1.0
-    for i, act in enumerate(self.activations):
-      name = "wi" if len(self.activations) == 1 else f"wi_{i}"
-      w = self.param(name, nn.with_logical_partitioning(init, ("expert", "embed", "expert_mlp")),
-                     (e, m, self.d_ff), jnp.float32)
-      hi = jnp.einsum("egcm,emh->egch", x, jnp.asarray(w, self.dtype))
-      h = h * ACTIVATIONS[act](nn.with_logical_constraint(hi, hidden_axes))
-    h = nn.Dropout(self.dropout_rate, broadcast_dims=())(h, deterministic=deterministic)
+    names = ["wi"] if len(self.activations) == 1 else [f"wi_{i}" for i in range(len(self.activations))]
+    wi = [self.param(n, nn.with_logical_partitioning(init, ("expert", "embed", "expert_mlp")),
+                     (e, m, self.d_ff), jnp.float32) for n in names]
     wo = self.param("wo", nn.with_logical_partitioning(init, ("expert", "expert_mlp", "embed")),
                     (e, self.d_ff, m), jnp.float32)
-    return jnp.einsum("egch,ehm->egcm", h, jnp.asarray(wo, self.dtype))
+    dropout = nn.Dropout(self.dropout_rate, broadcast_dims=())
+    return dispatch_lib.Experts(
+        wi=[jnp.asarray(w, self.dtype) for w in wi], wo=jnp.asarray(wo, self.dtype),
+        activations=[ACTIVATIONS[a] for a in self.activations],
+        dropout=lambda h: dropout(h, deterministic=deterministic))
 
   @nn.compact
   def __call__(self, x: Array, padding_mask: Array | None = None, *,
@@ -135,8 +142,7 @@ class MoeLayer(nn.Module):
     capacity = self.expert_capacity(s, deterministic)
     decision = self.router(groups, capacity=capacity, valid=valid, deterministic=deterministic)
     y = dispatch_lib.STRATEGIES[self.dispatch](
-        groups, decision, lambda h: self.experts(h, deterministic), self.num_experts, capacity,
-        self.dtype)
+        groups.astype(self.dtype), decision, self.experts(m, deterministic), capacity)
 
     self.sow("moe", "load_balance_loss", decision.load_balance_loss)
     self.sow("moe", "router_z_loss", decision.router_z_loss)

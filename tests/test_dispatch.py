@@ -1,0 +1,99 @@
+"""Dispatch strategies: einsum == indices (outputs and gradients) for every router; with
+capacity not binding all three agree; dropless drops nothing; refused combinations."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import moe_layer, routing
+import numpy_moe as ref
+
+ROUTERS = {
+    "top1": lambda: routing.TokensChooseRouter(num_experts=4),
+    "top2_random": lambda: routing.TokensChooseRouter(
+        num_experts=4, num_selected_experts=2, second_expert_policy="random",
+        normalize_gates=True),
+    "top2_after_drop": lambda: routing.TokensChooseRouter(
+        num_experts=4, num_selected_experts=2, normalize_gates=True, normalize_before_drop=False),
+    "top2_bpr": lambda: routing.TokensChooseRouter(
+        num_experts=4, num_selected_experts=2, batch_prioritized=True),
+    "expert_choice": lambda: routing.ExpertsChooseRouter(num_experts=4),
+}
+
+
+def layer_fn(router, dispatch, **kw):
+  kw = {"group_size": 8, "min_expert_capacity": 1, "train_capacity_factor": 0.75,
+        "activations": ("gelu", "linear"), **kw}
+  return moe_layer.MoeLayer(num_experts=4, d_ff=16, router=router, dispatch=dispatch, **kw)
+
+
+def loss_and_grads(layer, params, x):
+  def loss(p, x):
+    y, st = layer.apply({"params": p}, x, deterministic=False, mutable=["moe"],
+                        rngs={"router": jax.random.key(1), "dropout": jax.random.key(2)})
+    return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), y
+  (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+  return y, grads
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_einsum_and_indices_identical(name):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 6, 8)), jnp.float32)  # 18 tokens, pad
+  einsum = layer_fn(ROUTERS[name](), "einsum")
+  params = nn.unbox(einsum.init({"params": jax.random.key(0)}, x, deterministic=True)["params"])
+  y1, g1 = loss_and_grads(einsum, params, x)
+  y2, g2 = loss_and_grads(layer_fn(ROUTERS[name](), "indices"), params, x)
+  assert np.abs(np.asarray(y1)).sum() > 0
+  np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_all_strategies_agree_when_capacity_does_not_bind(k):
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 8)), jnp.float32)
+  outs = []
+  for dispatch in ("einsum", "indices", "dropless"):
+    layer = layer_fn(routing.TokensChooseRouter(num_experts=4, num_selected_experts=k), dispatch,
+                     train_capacity_factor=4.0 / k)  # C = S
+    if not outs:
+      params = nn.unbox(layer.init({"params": jax.random.key(0)}, x, deterministic=True)["params"])
+    outs.append(loss_and_grads(layer, params, x))
+  for y, grads in outs[1:]:
+    np.testing.assert_allclose(y, outs[0][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(outs[0][1])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dropless_drops_nothing_under_extreme_imbalance():
+  x = jnp.abs(jnp.asarray(np.random.default_rng(2).normal(size=(2, 16, 8)), jnp.float32))
+  layer = layer_fn(routing.TokensChooseRouter(num_experts=4, num_selected_experts=2), "dropless",
+                   activations=("relu",))
+  params = nn.unbox(layer.init({"params": jax.random.key(0)}, x, deterministic=True)["params"])
+  w = np.zeros((8, 4), np.float32)
+  w[:, 0], w[:, 1] = 2.0, 1.0  # every token: first choice expert 0, second expert 1
+  params["router"]["w"] = jnp.asarray(w)
+  y, state = layer.apply({"params": params}, x, deterministic=True, mutable=["moe"])
+  assert float(state["moe"]["fraction_dropped"][0]) == 0.0
+  xn = np.asarray(x, np.float64)
+  p = {k: np.asarray(v, np.float64) for k, v in params.items() if k != "router"}
+  want = np.zeros_like(xn)
+  for b in range(2):
+    for t in range(16):
+      probs = ref.softmax(xn[b, t] @ w)
+      for e in (0, 1):
+        want[b, t] += probs[e] * ref.ffn(xn[b, t], [p["wi"][e]], p["wo"][e])
+  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+  # The einsum strategy at cf 1 drops most of them.
+  _, st = layer_fn(routing.TokensChooseRouter(num_experts=4, num_selected_experts=2), "einsum",
+                   activations=("relu",), eval_capacity_factor=1.0).apply(
+                       {"params": params}, x, deterministic=True, mutable=["moe"])
+  assert float(st["moe"]["fraction_dropped"][0]) > 0.4
+
+
+def test_refused_combinations():
+  with pytest.raises(ValueError, match="dispatch='dropless' needs a tokens-choose router"):
+    layer_fn(routing.ExpertsChooseRouter(num_experts=4), "dropless")
+  with pytest.raises(ValueError, match="num_expert_partitions=2"):
+    layer_fn(routing.TokensChooseRouter(num_experts=4), "dropless", num_expert_partitions=2)
