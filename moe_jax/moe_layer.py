@@ -58,7 +58,7 @@ class MoeLayer(nn.Module):
     dtype: dtype of the dispatched activations and expert matmuls (bfloat16 on TPU); the router
       is always float32.
     causal: the layer sits in a decoder; routers that see later tokens are refused.
-    dispatch: strategy name in dispatch.STRATEGIES.
+    dispatch: a strategy in dispatch.STRATEGIES, or 'auto' (see `dispatch_strategy`).
   """
   num_experts: int
   d_ff: int
@@ -75,7 +75,7 @@ class MoeLayer(nn.Module):
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   causal: bool = False
-  dispatch: str = "einsum"
+  dispatch: str = "auto"
 
   def __post_init__(self):
     if self.router.num_experts != self.num_experts:
@@ -84,8 +84,9 @@ class MoeLayer(nn.Module):
     if self.num_experts % self.num_expert_partitions:
       raise ValueError(f"num_experts={self.num_experts} is not divisible by "
                        f"num_expert_partitions={self.num_expert_partitions}")
-    if self.dispatch not in dispatch_lib.STRATEGIES:
-      raise ValueError(f"dispatch={self.dispatch!r} is not one of {sorted(dispatch_lib.STRATEGIES)}")
+    if self.dispatch != "auto" and self.dispatch not in dispatch_lib.STRATEGIES:
+      raise ValueError(f"dispatch={self.dispatch!r} is not 'auto' or one of "
+                       f"{sorted(dispatch_lib.STRATEGIES)}")
     unknown = [a for a in self.activations if a not in ACTIVATIONS]
     if unknown:
       raise ValueError(f"activations={tuple(self.activations)} has unknown {unknown}; "
@@ -99,6 +100,17 @@ class MoeLayer(nn.Module):
                        "'indices' there")
     routing.check_router(self.router, self.causal)
     super().__post_init__()
+
+  def dispatch_strategy(self) -> str:
+    """The strategy 'auto' resolves to. It only picks among strategies with the same capacity
+    and dropping semantics: einsum when experts are sharded (its layout change is exactly one
+    all-to-all each way) and on TPU/GPU; indices on CPU, where it measured fastest
+    (benchmarks/RESULTS.md). Dropless changes the semantics, so it is only used when named."""
+    if self.dispatch != "auto":
+      return self.dispatch
+    if self.num_expert_partitions > 1 or jax.default_backend() != "cpu":
+      return "einsum"
+    return "indices"
 
   def expert_capacity(self, group_size: int, deterministic: bool) -> int:
     if self.dispatch == "dropless":
@@ -141,7 +153,7 @@ class MoeLayer(nn.Module):
 
     capacity = self.expert_capacity(s, deterministic)
     decision = self.router(groups, capacity=capacity, valid=valid, deterministic=deterministic)
-    y = dispatch_lib.STRATEGIES[self.dispatch](
+    y = dispatch_lib.STRATEGIES[self.dispatch_strategy()](
         groups.astype(self.dtype), decision, self.experts(m, deterministic), capacity)
 
     self.sow("moe", "load_balance_loss", decision.load_balance_loss)

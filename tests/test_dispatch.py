@@ -97,3 +97,11 @@ def test_refused_combinations():
     layer_fn(routing.ExpertsChooseRouter(num_experts=4), "dropless")
   with pytest.raises(ValueError, match="num_expert_partitions=2"):
     layer_fn(routing.TokensChooseRouter(num_experts=4), "dropless", num_expert_partitions=2)
+
+
+def test_auto_picks_a_strategy_with_the_same_semantics():
+  on_cpu = layer_fn(routing.TokensChooseRouter(num_experts=4), "auto")
+  assert jax.default_backend() == "cpu" and on_cpu.dispatch_strategy() == "indices"
+  sharded = layer_fn(routing.TokensChooseRouter(num_experts=4), "auto", num_expert_partitions=2)
+  assert sharded.dispatch_strategy() == "einsum"
+  assert layer_fn(routing.TokensChooseRouter(num_experts=4), "dropless").dispatch_strategy() == "dropless"
