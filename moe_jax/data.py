@@ -1,0 +1,626 @@
+"""seqio tasks, the embedded default corpus and the SentencePiece vocabulary (t5x conventions).
+
+Importing this module registers the seqio tasks
+
+  pydocs_span_corruption   T5 span corruption on the embedded corpus (no download)
+  pydocs_prefix_lm         prefix LM on the embedded corpus
+  c4_v220_span_corruption  T5 span corruption on TFDS 'c4/en:2.2.0' (the t5x pre-training task)
+
+The embedded corpus is the Python standard library's documentation topics
+(`pydoc_data.topics`, ~465 KB of English), present on any machine with Python. Its vocabulary is
+a unigram SentencePiece model (T5 ids: pad=0, eos=1, unk=2, 100 sentinels at the top) trained on
+first use and cached under $MOE_JAX_CACHE_DIR (default ~/.cache/moe_jax).
+
+Every task's vocabulary is `get_vocabulary()` as configured by gin when the task is used, so
+`get_vocabulary.sentencepiece_model_file = '/path/spm.model'` swaps the vocabulary of every
+task. `register_text_files_task` / `register_tfds_task` turn a user's own text into a task.
+
+`get_dataset` feeds the trainer: seqio task -> EncDecFeatureConverter -> per-host batches of
+numpy int32 arrays, deterministic for a seed and resumable from a JSON-able state.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+# TF reports pipeline failures as Python exceptions; its C++ log is only noise here (e.g. "failed
+# call to cuInit" on CPU-only hosts). Effective only if TF is not imported yet.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import gin
+import numpy as np
+import pydoc_data.topics
+import sentencepiece as spm
+import seqio
+import tensorflow as tf
+
+try:
+  # The input pipeline runs on the host CPU; JAX owns the accelerators.
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TF already initialised its devices elsewhere; nothing left to hide.
+  pass
+
+DEFAULT_TASK = "pydocs_span_corruption"
+DEFAULT_VOCAB_SIZE = 2000
+DEFAULT_EXTRA_IDS = 100
+C4_TFDS_NAME = "c4/en:2.2.0"
+VALIDATION_PERCENT = 5
+NOISE_DENSITY = 0.15
+MEAN_NOISE_SPAN_LENGTH = 3.0
+_MAX_DOC_CHARS = 1500  # paragraphs of one topic are grouped into documents up to this size
+_MAX_CHUNK_TOKENS = 65536  # T5's select_random_chunk bound on one document
+_CONCAT_BATCH = 128  # documents concatenated before splitting (T5's reduce_concat_tokens)
+_SPM_OPTIONS = dict(model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                    character_coverage=0.9995, num_threads=1, minloglevel=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded corpus
+
+
+@functools.cache
+def _corpus_documents() -> tuple[str, ...]:
+  """All documents: consecutive paragraphs of each pydoc topic, up to ~_MAX_DOC_CHARS each.
+
+  Topics share sections (e.g. 'try' and 'compound'); repeated documents are kept once.
+  """
+  docs = []
+  for topic in sorted(pydoc_data.topics.topics):
+    current = ""
+    for para in re.split(r"\n\s*\n", pydoc_data.topics.topics[topic]):
+      para = para.strip()
+      if not para:
+        continue
+      if current and len(current) + len(para) > _MAX_DOC_CHARS:
+        docs.append(current)
+        current = ""
+      current = f"{current}\n\n{para}" if current else para
+    if current:
+      docs.append(current)
+  return tuple(dict.fromkeys(docs))
+
+
+def _is_validation(text: str) -> bool:
+  # A content hash (not a position) keeps duplicates in one split and the split stable.
+  return int(hashlib.md5(text.encode()).hexdigest(), 16) % 100 < VALIDATION_PERCENT
+
+
+@functools.cache
+def corpus_split(split: str) -> tuple[str, ...]:
+  """Documents of the embedded corpus in corpus order; split is 'train' or 'validation'."""
+  if split not in ("train", "validation"):
+    raise ValueError(f"split must be 'train' or 'validation' for the embedded corpus, "
+                     f"got {split!r}")
+  return tuple(d for d in _corpus_documents() if _is_validation(d) == (split == "validation"))
+
+
+class PydocsSource(seqio.DataSource):
+  """seqio source of the embedded corpus: {'text': tf.string} per document.
+
+  shuffle=True is a full shuffle, a new permutation each epoch (deterministic for a seed);
+  sharding then takes every num_shards-th document of that permutation, so the hosts of one
+  job see disjoint documents in every epoch.
+  """
+
+  def __init__(self):
+    super().__init__(splits=("train", "validation"))
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return True
+
+  def list_shards(self, split: str) -> Sequence[str]:
+    return [split]
+
+  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
+                  shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
+                  use_cached: bool = False, num_epochs: int | None = 1) -> tf.data.Dataset:
+    """sequence_length, use_cached and num_epochs are part of seqio's interface, unused here."""
+    del sequence_length, use_cached, num_epochs
+    texts = corpus_split(split)
+    ds = tf.data.Dataset.from_tensor_slices({"text": list(texts)})
+    if shuffle:
+      ds = ds.shuffle(len(texts), seed=seed, reshuffle_each_iteration=True)
+    if shard_info is not None:
+      ds = ds.shard(shard_info.num_shards, shard_info.index)
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary
+
+
+def cache_dir() -> str:
+  """$MOE_JAX_CACHE_DIR, default ~/.cache/moe_jax (read at each call)."""
+  return os.path.expanduser(os.environ.get("MOE_JAX_CACHE_DIR", "~/.cache/moe_jax"))
+
+
+def train_sentencepiece(texts: Sequence[str], vocab_size: int, model_path: str) -> str:
+  """Trains a T5-convention unigram SentencePiece model on texts and writes it to model_path.
+
+  Ids: pad=0, eos=1, unk=2, no bos. The file is written atomically (temp file + os.replace), so
+  concurrent writers of the same model never leave a truncated file behind.
+  """
+  lines = [line.strip() for text in texts for line in text.splitlines() if line.strip()]
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model,
+                                 vocab_size=vocab_size, **_SPM_OPTIONS)
+  directory = os.path.dirname(os.path.abspath(model_path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".model")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(model.getvalue())
+    os.replace(tmp, model_path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+  return model_path
+
+
+@functools.cache
+def _pydocs_model_key(vocab_size: int) -> str:
+  digest = hashlib.sha256()
+  for text in corpus_split("train"):
+    digest.update(text.encode())
+    digest.update(b"\0")
+  digest.update(json.dumps(dict(_SPM_OPTIONS, vocab_size=vocab_size), sort_keys=True).encode())
+  return digest.hexdigest()[:16]
+
+
+def default_sentencepiece_model(vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
+  """Path of the embedded corpus' SentencePiece model; trains it (~1 s) if it is not cached.
+
+  The file name holds a hash of the corpus and training options, so a new Python (new docs) or
+  another vocab size gets its own file and an existing one is never retrained.
+  """
+  name = f"pydocs_unigram_{vocab_size}_{_pydocs_model_key(vocab_size)}.model"
+  path = os.path.join(cache_dir(), name)
+  if not os.path.exists(path):
+    train_sentencepiece(corpus_split("train"), vocab_size, path)
+  return path
+
+
+@functools.cache
+def _load_vocabulary(path: str, extra_ids: int) -> seqio.SentencePieceVocabulary:
+  vocab = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+  ids = (vocab.tokenizer.pad_id(), vocab.eos_id, vocab.unk_id)
+  if ids != (0, 1, 2):
+    raise ValueError(f"sentencepiece_model_file {path} has (pad, eos, unk) ids {ids}; "
+                     "T5 conventions need (0, 1, 2)")
+  return vocab
+
+
+@gin.configurable
+def get_vocabulary(sentencepiece_model_file: str | None = None,
+                   vocab_size: int = DEFAULT_VOCAB_SIZE,
+                   extra_ids: int = DEFAULT_EXTRA_IDS) -> seqio.SentencePieceVocabulary:
+  """The vocabulary of every task here (gin-configurable).
+
+  sentencepiece_model_file: a T5-style model (pad=0, eos=1, unk=2); None = the embedded corpus'
+  model with vocab_size pieces (vocab_size is ignored for a given file). extra_ids sentinels
+  are appended, <extra_id_0> = the last id. Total size: vocab_size + extra_ids.
+  """
+  if sentencepiece_model_file is None:
+    sentencepiece_model_file = default_sentencepiece_model(vocab_size)
+  return _load_vocabulary(sentencepiece_model_file, extra_ids)
+
+
+class ConfiguredVocabulary(seqio.Vocabulary):
+  """Stands for `get_vocabulary()` under the gin config in force when it is used.
+
+  Tasks are registered on import, before gin files are parsed; this lets a gin binding of
+  get_vocabulary choose the vocabulary of the already-registered tasks.
+  """
+
+  def __init__(self):
+    super().__init__(extra_ids=0)
+
+  @property
+  def vocabulary(self) -> seqio.SentencePieceVocabulary:
+    return get_vocabulary()
+
+  @property
+  def sentencepiece_model_file(self) -> str:
+    return self.vocabulary.sentencepiece_model_file
+
+  @property
+  def tokenizer(self) -> spm.SentencePieceProcessor:
+    return self.vocabulary.tokenizer
+
+  @property
+  def eos_id(self) -> int | None:
+    return self.vocabulary.eos_id
+
+  @property
+  def unk_id(self) -> int | None:
+    return self.vocabulary.unk_id
+
+  @property
+  def pad_id(self) -> int:
+    return self.vocabulary.pad_id
+
+  @property
+  def extra_ids(self) -> int:
+    return self.vocabulary.extra_ids
+
+  @property
+  def vocab_size(self) -> int:
+    return self.vocabulary.vocab_size
+
+  @property
+  def _base_vocab_size(self) -> int:
+    return self.vocabulary.vocab_size - self.vocabulary.extra_ids
+
+  def _encode(self, s):
+    return self.vocabulary.encode(s)
+
+  def _decode(self, ids):
+    return self.vocabulary.decode(ids)
+
+  def _encode_tf(self, s):
+    return self.vocabulary.encode_tf(s)
+
+  def _decode_tf(self, ids):
+    return self.vocabulary.decode_tf(ids)
+
+  # The wrapped vocabulary cleans ids itself; the base class' cleaning would map sentinels to unk.
+  def decode(self, ids):
+    return self.vocabulary.decode(ids)
+
+  def decode_tf(self, ids):
+    return self.vocabulary.decode_tf(ids)
+
+  def __eq__(self, other):
+    other = other.vocabulary if isinstance(other, ConfiguredVocabulary) else other
+    return self.vocabulary == other
+
+  def __str__(self) -> str:
+    return f"ConfiguredVocabulary({self.vocabulary})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Span corruption and prefix LM (T5 semantics, TF ops)
+
+
+def random_spans_helper(inputs_length: int, noise_density: float = NOISE_DENSITY,
+                        mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> tuple[int, int]:
+  """(tokens_length, targets_length) for span corruption with inputs of inputs_length tokens.
+
+  tokens_length is the longest raw segment whose corrupted inputs (non-noise tokens + one
+  sentinel per noise span + EOS) fit in inputs_length; targets_length is the matching targets
+  length (noise tokens + one sentinel per span + EOS). T5: 512 -> (568, 114).
+  """
+  def lengths(tokens: int) -> tuple[int, int]:
+    noise = int(round(tokens * noise_density))
+    spans = int(round(noise / mean_noise_span_length))
+    return tokens - noise + spans + 1, noise + spans + 1
+
+  tokens_length = inputs_length - 1
+  while lengths(tokens_length + 1)[0] <= inputs_length:
+    tokens_length += 1
+  return tokens_length, lengths(tokens_length)[1]
+
+
+def _random_segmentation(num_items: tf.Tensor, num_segments: tf.Tensor,
+                         seed: tf.Tensor) -> tf.Tensor:
+  """int32 [num_segments]: lengths (each >= 1) of a uniformly random split of num_items items."""
+  # Cut after a random (num_segments - 1)-subset of the num_items - 1 inner boundaries.
+  boundaries = seqio.utils.stateless_shuffle(tf.range(1, num_items), seed)
+  cuts = tf.sort(boundaries[:num_segments - 1])
+  edges = tf.concat([[0], cuts, [num_items]], axis=0)
+  return edges[1:] - edges[:-1]
+
+
+def random_spans_noise_mask(length: tf.Tensor, noise_density: float, seeds: Sequence[tf.Tensor],
+                            mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> tf.Tensor:
+  """bool [length]: T5's noise mask; True marks the noise (masked-out) tokens.
+
+  round(length * noise_density) noise tokens (at least 1, at most length - 1) in
+  round(noise / mean_noise_span_length) spans (at least 1); the sequence alternates a
+  non-noise span and a noise span, starting with non-noise. Span lengths of each kind are a
+  uniformly random composition (seeds[0] for noise, seeds[1] for non-noise).
+  """
+  full_length = length
+  length = tf.maximum(length, 2)  # a mask needs one token of each kind
+  num_noise = tf.clip_by_value(
+      tf.cast(tf.round(tf.cast(length, tf.float32) * noise_density), tf.int32), 1, length - 1)
+  num_spans = tf.maximum(
+      tf.cast(tf.round(tf.cast(num_noise, tf.float32) / mean_noise_span_length), tf.int32), 1)
+  noise_lengths = _random_segmentation(num_noise, num_spans, seeds[0])
+  clean_lengths = _random_segmentation(length - num_noise, num_spans, seeds[1])
+  span_lengths = tf.reshape(tf.stack([clean_lengths, noise_lengths], axis=1), [-1])  # clean first
+  span_index = tf.repeat(tf.range(2 * num_spans), span_lengths)
+  return tf.equal(span_index % 2, 1)[:full_length]
+
+
+def noise_span_to_unique_sentinel(tokens: tf.Tensor, noise_mask: tf.Tensor,
+                                  vocabulary: seqio.Vocabulary) -> tf.Tensor:
+  """Replaces each noise span by one sentinel: vocab_size - 1, vocab_size - 2, ... in order."""
+  prev_noise = tf.pad(noise_mask[:-1], [[1, 0]])
+  span_start = noise_mask & ~prev_noise
+  sentinels = vocabulary.vocab_size - tf.cumsum(tf.cast(span_start, tokens.dtype))
+  return tf.boolean_mask(tf.where(span_start, sentinels, tokens), ~(noise_mask & prev_noise))
+
+
+def nonnoise_span_to_unique_sentinel(tokens: tf.Tensor, noise_mask: tf.Tensor,
+                                     vocabulary: seqio.Vocabulary) -> tf.Tensor:
+  """The targets side: each non-noise span becomes a sentinel, noise tokens stay."""
+  return noise_span_to_unique_sentinel(tokens, ~noise_mask, vocabulary)
+
+
+@seqio.map_over_dataset(num_seeds=1)
+def _select_random_chunk(features: Mapping[str, tf.Tensor], seed: tf.Tensor,
+                         max_length: int) -> dict[str, tf.Tensor]:
+  """Keeps 'targets' only: one random max_length-token chunk of a longer document."""
+  tokens = features["targets"]
+  num_chunks = tf.maximum((tf.size(tokens) + max_length - 1) // max_length, 1)
+  start = tf.random.stateless_uniform([], seed, 0, num_chunks, tf.int32) * max_length
+  return {"targets": tokens[start:start + max_length]}
+
+
+def _split_tokens(dataset: tf.data.Dataset, max_tokens: int) -> tf.data.Dataset:
+  """Splits each 'targets' into consecutive pieces of max_tokens (the last may be shorter)."""
+  def split(features):
+    tokens = features["targets"]
+    n = tf.size(tokens)
+    num_pieces = (n + max_tokens - 1) // max_tokens
+    piece_lengths = tf.minimum(max_tokens, n - tf.range(num_pieces) * max_tokens)
+    pieces = tf.RaggedTensor.from_row_lengths(tokens, piece_lengths)
+    return tf.data.Dataset.from_tensor_slices({"targets": pieces})
+  return dataset.flat_map(split)
+
+
+def _concat_and_split(dataset: tf.data.Dataset, max_tokens: int) -> tf.data.Dataset:
+  """Concatenates _CONCAT_BATCH documents (no separator, as T5) and splits into pieces."""
+  batched = dataset.map(lambda f: f["targets"]).padded_batch(_CONCAT_BATCH, padded_shapes=[None])
+  # 0 is PAD and never a real token, so dropping zeros drops exactly the padding.
+  concatenated = batched.map(lambda b: {"targets": tf.boolean_mask(b, tf.not_equal(b, 0))})
+  return _split_tokens(concatenated, max_tokens)
+
+
+@seqio.map_over_dataset(num_seeds=2)
+def _corrupt_spans(features: Mapping[str, tf.Tensor], seeds: Sequence[tf.Tensor],
+                   noise_density: float, mean_noise_span_length: float,
+                   vocabulary: seqio.Vocabulary) -> dict[str, tf.Tensor]:
+  tokens = features["targets"]
+  mask = random_spans_noise_mask(tf.size(tokens), noise_density, seeds, mean_noise_span_length)
+  return {"inputs": noise_span_to_unique_sentinel(tokens, mask, vocabulary),
+          "targets": nonnoise_span_to_unique_sentinel(tokens, mask, vocabulary)}
+
+
+def _non_empty(features: Mapping[str, tf.Tensor]) -> tf.Tensor:
+  return tf.size(features["targets"]) > 0
+
+
+def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
+                    output_features: Mapping[str, seqio.Feature],
+                    noise_density: float = NOISE_DENSITY,
+                    mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> tf.data.Dataset:
+  """T5 span corruption (seqio preprocessor on tokenized 'targets', before append_eos_after_trim).
+
+  Random chunk of each document -> concatenate 128 documents -> split into raw segments sized
+  by random_spans_helper(inputs length) -> noise mask -> inputs: non-noise tokens with one
+  sentinel per noise span; targets: each noise span preceded by its sentinel.
+  """
+  if not sequence_length or "inputs" not in sequence_length:
+    raise ValueError("span_corruption needs sequence_length['inputs']")
+  vocabulary = output_features["targets"].vocabulary
+  tokens_length, _ = random_spans_helper(sequence_length["inputs"], noise_density,
+                                         mean_noise_span_length)
+  max_spans = max(round(round(tokens_length * noise_density) / mean_noise_span_length), 1)
+  if max_spans > vocabulary.extra_ids:
+    raise ValueError(f"sequence_length['inputs']={sequence_length['inputs']} gives up to "
+                     f"{max_spans} noise spans but the vocabulary has only "
+                     f"extra_ids={vocabulary.extra_ids} sentinels")
+  ds = _select_random_chunk(dataset.filter(_non_empty), max_length=_MAX_CHUNK_TOKENS)
+  ds = _concat_and_split(ds, tokens_length)
+  return _corrupt_spans(ds, noise_density=noise_density,
+                        mean_noise_span_length=mean_noise_span_length, vocabulary=vocabulary)
+
+
+@seqio.map_over_dataset(num_seeds=1)
+def _split_at_random_point(features: Mapping[str, tf.Tensor],
+                           seed: tf.Tensor) -> dict[str, tf.Tensor]:
+  tokens = features["targets"]
+  # Uniform in [1, n - 1]: both sides non-empty.
+  point = tf.random.stateless_uniform([], seed, 1, tf.size(tokens), tf.int32)
+  return {"inputs": tokens[:point], "targets": tokens[point:]}
+
+
+def prefix_lm(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
+              output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+  """T5 prefix LM (seqio preprocessor): each document is cut into segments of inputs length - 1
+  tokens; each segment is split at a uniform random point: inputs = prefix, targets = the rest.
+
+  output_features is unused; seqio passes it to every preprocessor that names it.
+  """
+  del output_features
+  if not sequence_length or "inputs" not in sequence_length:
+    raise ValueError("prefix_lm needs sequence_length['inputs']")
+  ds = _select_random_chunk(dataset.filter(_non_empty), max_length=_MAX_CHUNK_TOKENS)
+  ds = _split_tokens(ds, sequence_length["inputs"] - 1)
+  return _split_at_random_point(ds.filter(lambda f: tf.size(f["targets"]) >= 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+
+_OBJECTIVES = {"span_corruption": span_corruption, "prefix_lm": prefix_lm}
+
+
+def _text_to_targets(text_key: str) -> Callable[[tf.data.Dataset], tf.data.Dataset]:
+  return lambda ds: ds.map(lambda x: {"targets": x[text_key]},
+                           num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _line_to_targets(ds: tf.data.Dataset) -> tf.data.Dataset:
+  return ds.map(lambda line: {"targets": line}, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _add_task(name: str, source: seqio.DataSource, to_targets: Callable, objective: str,
+              vocabulary: seqio.Vocabulary | None) -> str:
+  """(Re-)registers a T5-style task: text -> tokens -> cache point -> objective -> EOS."""
+  if objective not in _OBJECTIVES:
+    raise ValueError(f"objective must be one of {sorted(_OBJECTIVES)}, got {objective!r}")
+  if vocabulary is None:
+    vocabulary = ConfiguredVocabulary()
+  # Re-registering the same name replaces the task, so a gin file may be parsed twice.
+  seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(
+      name,
+      source=source,
+      preprocessors=[to_targets, seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
+                     _OBJECTIVES[objective], seqio.preprocessors.append_eos_after_trim],
+      output_features={"inputs": seqio.Feature(vocabulary, add_eos=True, required=False),
+                       "targets": seqio.Feature(vocabulary, add_eos=True)},
+      metric_fns=[])
+  return name
+
+
+@gin.configurable
+def register_text_files_task(name: str, train_files: str | Sequence[str],
+                             validation_files: str | Sequence[str] | None = None,
+                             objective: str = "span_corruption",
+                             vocabulary: seqio.Vocabulary | None = None) -> str:
+  """Registers a task over plain-text files (one document per line; globs allowed).
+
+  objective: 'span_corruption' or 'prefix_lm'. vocabulary None = get_vocabulary() as configured.
+  Returns name, so gin can write `MIXTURE_OR_TASK_NAME = @data.register_text_files_task()`.
+  """
+  splits = {"train": train_files}
+  if validation_files is not None:
+    splits["validation"] = validation_files
+  return _add_task(name, seqio.TextLineDataSource(splits), _line_to_targets, objective, vocabulary)
+
+
+@gin.configurable
+def register_tfds_task(name: str, tfds_name: str, text_key: str = "text",
+                       objective: str = "span_corruption", tfds_data_dir: str | None = None,
+                       vocabulary: seqio.Vocabulary | None = None) -> str:
+  """Registers a task over a TFDS dataset's text feature, e.g. tfds_name='c4/en:3.1.0'.
+
+  Returns name (see register_text_files_task).
+  """
+  source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir)
+  return _add_task(name, source, _text_to_targets(text_key), objective, vocabulary)
+
+
+def _register_default_tasks() -> None:
+  pydocs = PydocsSource()
+  _add_task("pydocs_span_corruption", pydocs, _text_to_targets("text"), "span_corruption", None)
+  _add_task("pydocs_prefix_lm", pydocs, _text_to_targets("text"), "prefix_lm", None)
+  # Not via register_tfds_task: that one's gin bindings (a user's own task) must not leak in.
+  _add_task("c4_v220_span_corruption", seqio.TfdsDataSource(tfds_name=C4_TFDS_NAME),
+            _text_to_targets("text"), "span_corruption", None)
+
+
+_register_default_tasks()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches for the trainer
+
+
+class DatasetIterator(Iterator[dict[str, np.ndarray]]):
+  """Per-host batches (dicts of numpy int32 arrays) with a JSON-able, restorable position.
+
+  The pipeline is deterministic for a seed, so a position is just the number of batches
+  consumed: set_state rebuilds the pipeline and skips that many batches (the skipped batches
+  are recomputed, which takes time proportional to the position). The pipeline is built on
+  first use, so a set_state right after get_dataset builds it once.
+  """
+
+  def __init__(self, build: Callable[[int], tf.data.Dataset], config: dict[str, Any]):
+    self._build = build
+    self._config = config
+    self._consumed = 0
+    self._dataset: tf.data.Dataset | None = None
+    self._iterator: Iterator[dict[str, np.ndarray]] | None = None
+
+  def _pipeline(self) -> tf.data.Dataset:
+    if self._dataset is None:
+      self._dataset = self._build(self._consumed)
+      self._iterator = self._dataset.as_numpy_iterator()
+    return self._dataset
+
+  @property
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    """Per-host batch shape of each feature (e.g. for model initialisation)."""
+    return {k: tuple(v.shape) for k, v in self._pipeline().element_spec.items()}
+
+  def __iter__(self) -> DatasetIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    self._pipeline()
+    batch = next(self._iterator)
+    self._consumed += 1
+    return {k: np.asarray(v, np.int32) for k, v in batch.items()}
+
+  def get_state(self) -> dict[str, Any]:
+    """{'batches_consumed': n, ...the pipeline settings the position refers to}."""
+    return dict(self._config, batches_consumed=self._consumed)
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Continues exactly after the state's batches_consumed batches."""
+    changed = {k: (state.get(k), v) for k, v in self._config.items() if state.get(k) != v}
+    if changed:
+      raise ValueError(f"dataset state was saved with other settings (saved, now): {changed}")
+    self._consumed = int(state["batches_consumed"])
+    self._dataset = self._iterator = None
+
+
+def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], split: str,
+                batch_size: int, shuffle: bool = True, seed: int | None = 0, shard_id: int = 0,
+                num_shards: int = 1, pack: bool = True, num_epochs: int | None = None,
+                use_cached: bool = False) -> DatasetIterator:
+  """Batches of a seqio task or mixture in t5x encoder-decoder features.
+
+  task_feature_lengths: {'inputs': le, 'targets': ld}. batch_size is global; this host gets
+  shard shard_id of num_shards and batches of b = batch_size // num_shards:
+  encoder_input_tokens [b,le], decoder_input_tokens / decoder_target_tokens /
+  decoder_loss_weights [b,ld], and with pack=True encoder/decoder_segment_ids and _positions.
+  num_epochs None repeats forever (training); remainders are dropped.
+  """
+  try:
+    seqio.get_mixture_or_task(mixture_or_task_name)
+  except ValueError:
+    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    raise ValueError(f"unknown mixture_or_task_name {mixture_or_task_name!r}; "
+                     f"registered: {', '.join(known)}") from None
+  missing = {"inputs", "targets"} - set(task_feature_lengths or {})
+  if missing:
+    raise ValueError(f"task_feature_lengths needs {sorted(missing)} lengths, got "
+                     f"{dict(task_feature_lengths or {})}")
+  if num_shards < 1 or batch_size % num_shards:
+    raise ValueError(f"batch_size={batch_size} is not divisible by num_shards={num_shards}")
+  if not 0 <= shard_id < num_shards:
+    raise ValueError(f"shard_id={shard_id} is outside [0, num_shards={num_shards})")
+  lengths = {k: int(task_feature_lengths[k]) for k in ("inputs", "targets")}
+  per_host = batch_size // num_shards
+
+  def build(skip_batches: int) -> tf.data.Dataset:
+    ds = seqio.get_mixture_or_task(mixture_or_task_name).get_dataset(
+        sequence_length=lengths, split=split, shuffle=shuffle, seed=seed,
+        # Only pass shard_info when sharding: a TFDS source lists its files to shard them.
+        shard_info=seqio.ShardInfo(shard_id, num_shards) if num_shards > 1 else None,
+        num_epochs=num_epochs, use_cached=use_cached,
+        # seqio would cache a small source in memory after its shuffle, freezing the first
+        # epoch's order for all epochs; the sources here are cheap to read again.
+        try_in_mem_cache=False)
+    ds = seqio.EncDecFeatureConverter(pack=pack)(ds, lengths)
+    ds = ds.batch(per_host, drop_remainder=True).skip(skip_batches)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+  config = dict(mixture_or_task_name=mixture_or_task_name, task_feature_lengths=lengths,
+                split=split, batch_size=batch_size, shuffle=shuffle, seed=seed, shard_id=shard_id,
+                num_shards=num_shards, pack=pack, num_epochs=num_epochs, use_cached=use_cached)
+  return DatasetIterator(build, config)
