@@ -31,6 +31,7 @@ setuptools.setup(
         "numpy>=1.26",
         "absl-py>=2.0",
         "matplotlib>=3.8",
+        "rich>=13",  # jax.debug.visualize_array_sharding (notebooks)
     ],
     extras_require={
         "test": [

@@ -72,7 +72,7 @@ def dispatch_and_combine(decision: RouterOutput, num_experts: int, capacity: int
 def einsum_dispatch(x: Array, decision: RouterOutput, experts: Experts, capacity: int) -> Array:
   num_experts = experts.wo.shape[0]
   dispatch, combine = dispatch_and_combine(decision, num_experts, capacity, x.dtype)
-  dispatch = nn.with_logical_constraint(dispatch, ("batch", "length", "unmodeled", "unmodeled"))
+  dispatch = nn.with_logical_constraint(dispatch, ("batch", "length", None, None))
   expert_in = jnp.einsum("gsm,gsec->egcm", x, dispatch)  # all-to-all: g -> e
   expert_in = nn.with_logical_constraint(expert_in, EXPERT_AXES)
   expert_out = nn.with_logical_constraint(experts.dense(expert_in), EXPERT_AXES)

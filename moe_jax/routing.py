@@ -95,6 +95,18 @@ def router_z_loss(logits: Array, valid: Array) -> Array:
   return jnp.sum(z * w) / jnp.maximum(w.sum(), 1.0)
 
 
+def _top_k(x: Array, k: int) -> tuple[Array, Array]:
+  """Top-k over the last axis by k rounds of argmax-and-mask. XLA partitions argmax along the
+  sharded group axis; lax.top_k it all-gathers. Ties go to the lower index, as in lax.top_k."""
+  values, indices = [], []
+  for _ in range(k):
+    i = jnp.argmax(x, axis=-1)
+    values.append(jnp.take_along_axis(x, i[..., None], axis=-1)[..., 0])
+    indices.append(i)
+    x = jnp.where(jax.nn.one_hot(i, x.shape[-1], dtype=bool), -jnp.inf, x)
+  return jnp.stack(values, -1), jnp.stack(indices, -1).astype(jnp.int32)
+
+
 def _masked_mean(x: Array, w: Array) -> Array:
   return jnp.sum(x * w) / jnp.maximum(w.sum(), 1.0)
 
@@ -211,12 +223,12 @@ class TokensChooseRouter(Router):
     probs = jax.nn.softmax(logits, axis=-1)
     policy = self.eval_second_expert_policy if deterministic else self.second_expert_policy
 
-    gate, index = jax.lax.top_k(probs, k)  # [g,s,k]
+    gate, index = _top_k(probs, k)  # [g,s,k]
     if policy == "sampling" and k > 1:
       # Choices 2..k drawn without replacement (Gumbel top-k) with the first expert masked.
       gumbel = jax.random.gumbel(self.make_rng("router"), logits.shape)
       scores = jnp.where(jax.nn.one_hot(index[..., 0], e, dtype=bool), -jnp.inf, logits + gumbel)
-      _, rest = jax.lax.top_k(scores, k - 1)
+      _, rest = _top_k(scores, k - 1)
       index = jnp.concatenate([index[..., :1], rest], axis=-1)
       gate = jnp.take_along_axis(probs, index, axis=-1)
     if self.normalize_gates and self.normalize_before_drop:
@@ -270,7 +282,9 @@ class ExpertsChooseRouter(Router):
     probs = jax.nn.softmax(logits, axis=-1)
     # Padding never wins a slot while a real token is left (probabilities are >= 0).
     scores = jnp.where(valid[..., None], probs, -1.0).transpose(0, 2, 1)  # [g,e,s]
-    _, token = jax.lax.top_k(scores, capacity)  # [g,e,c]
+    # A stable sort, not lax.top_k: XLA partitions sort along the sharded group axis, while
+    # top_k all-gathers the scores. Ties go to the lower token index either way.
+    token = jnp.argsort(-scores, axis=-1, stable=True)[..., :capacity]  # [g,e,c]
     picked = jax.nn.one_hot(token, s, dtype=jnp.int32)  # [g,e,c,s]
     chosen = jnp.einsum("gecs->gse", picked) > 0
     slot = jnp.einsum("gecs,c->gse", picked, jnp.arange(capacity, dtype=jnp.int32))

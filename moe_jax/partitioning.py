@@ -1,0 +1,587 @@
+"""Device mesh, logical axis rules and shardings for params, optimizer state and batches.
+
+The mesh has three axes, ('data', 'expert', 'model'). Modules name their array dimensions with
+t5x logical axis names (`nn.with_logical_partitioning` for params, `nn.with_logical_constraint`
+for activations); `DEFAULT_RULES` maps those names to mesh axes. With the defaults, expert
+weights [e,m,h] live on P('expert', None, 'model'), the batch and the MoE groups are split over
+data × expert, and the expert-side buffers [e,g,c,m] over 'expert' (e) and 'data' (g), so the
+MoE layer's change of layout is one all-to-all each way.
+
+The memory planner (`plan_memory`) does its arithmetic here so tests can check it against real
+sharded arrays; scripts/plan.py is its command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+import optax
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
+
+from moe_jax import dispatch as dispatch_lib
+
+MESH_AXES = ("data", "expert", "model")
+
+LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+# t5x-compatible logical axis names -> mesh axes. Order matters: the first rule whose mesh axes
+# are still free in an array wins.
+DEFAULT_RULES: LogicalRules = (
+    ("batch", ("data", "expert")),
+    ("length", None),
+    ("embed", None),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("joined_kv", "model"),
+    ("vocab", "model"),
+    ("expert", "expert"),
+    ("expert_mlp", "model"),
+    ("expert_replicas", "data"),
+    ("unmodeled", None),
+)
+
+# Environment variables read by initialize_multihost when its arguments are not given.
+ENV_COORDINATOR = "MOE_JAX_COORDINATOR"
+ENV_NUM_PROCESSES = "MOE_JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "MOE_JAX_PROCESS_ID"
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+  """'data:32,expert:8,model:1' -> (32, 8, 1). Missing axes are 1."""
+  sizes = dict.fromkeys(MESH_AXES, 1)
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, sep, value = part.partition(":")
+    if not sep or name not in sizes or not value.isdigit() or int(value) < 1:
+      raise ValueError(f"mesh={text!r}: expected 'data:N,expert:N,model:N', got {part!r}")
+    sizes[name] = int(value)
+  return tuple(sizes[a] for a in MESH_AXES)  # type: ignore[return-value]
+
+
+def _as_shape(mesh_shape: Sequence[int] | Mapping[str, int] | str) -> tuple[int, int, int]:
+  """(data, expert, model) sizes from a tuple, a dict or 'data:2,expert:4,model:1'."""
+  if isinstance(mesh_shape, str):
+    return parse_mesh(mesh_shape)
+  if isinstance(mesh_shape, Mapping):
+    unknown = set(mesh_shape) - set(MESH_AXES)
+    if unknown:
+      raise ValueError(f"mesh_shape has unknown axes {sorted(unknown)}; axes are {MESH_AXES}")
+    shape = tuple(int(mesh_shape.get(a, 1)) for a in MESH_AXES)
+  else:
+    shape = tuple(int(s) for s in mesh_shape)
+  if len(shape) != 3 or min(shape) < 1:
+    raise ValueError(f"mesh_shape={shape} must be 3 positive sizes (data, expert, model)")
+  return shape  # type: ignore[return-value]
+
+
+def _mesh_shape(num_devices: int, num_expert_partitions: int, num_model_partitions: int,
+                mesh_shape: Sequence[int] | Mapping[str, int] | str | None) -> tuple[int, int, int]:
+  """(data, expert, model) sizes for `num_devices`; one-line ValueError when they don't fit."""
+  if mesh_shape is not None:
+    shape = _as_shape(mesh_shape)
+    if math.prod(shape) != num_devices:
+      raise ValueError(f"mesh_shape={shape} has {math.prod(shape)} devices but "
+                       f"{num_devices} devices are in use")
+    return shape
+  for name, value in (("num_expert_partitions", num_expert_partitions),
+                      ("num_model_partitions", num_model_partitions)):
+    if value < 1:
+      raise ValueError(f"{name}={value} must be >= 1")
+  per_replica = num_expert_partitions * num_model_partitions
+  if num_devices % per_replica:
+    raise ValueError(
+        f"num_expert_partitions={num_expert_partitions} x num_model_partitions="
+        f"{num_model_partitions} = {per_replica} does not divide the {num_devices} devices")
+  return num_devices // per_replica, num_expert_partitions, num_model_partitions
+
+
+def _spec_entries(spec: P, ndim: int) -> list[Any]:
+  """PartitionSpec -> one entry per dimension (None where unsharded)."""
+  entries = list(spec) + [None] * (ndim - len(spec))
+  return entries[:ndim]
+
+
+def _axes_of(entry: Any) -> tuple[str, ...]:
+  if entry is None or entry is P.UNCONSTRAINED:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def shard_shape(shape: Sequence[int], spec: P, mesh_sizes: Mapping[str, int]) -> tuple[int, ...]:
+  """Per-device shape of an array of `shape` laid out as `spec` (ceil: XLA pads uneven shards)."""
+  entries = _spec_entries(spec, len(shape))
+  return tuple(-(-d // math.prod(mesh_sizes[a] for a in _axes_of(e)))
+               for d, e in zip(shape, entries))
+
+
+def _path_names(path: Sequence[Any]) -> tuple[str, ...]:
+  """Tree path -> tuple of names, one kind of key as good as another (dict, attr, index)."""
+  names = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)))
+        break
+    else:
+      names.append(str(key))
+  return tuple(names)
+
+
+def _derived_spec(param_shape: tuple[int, ...], param_spec: P, leaf_shape: tuple[int, ...]) -> P:
+  """Spec of an optimizer-state leaf that belongs to a param.
+
+  Same shape: the param's spec. One dimension fewer (Adafactor's factored v_row / v_col): the
+  param's spec without the reduced dimension. Which dimension was reduced is read off the
+  shapes; when several give the same shape (a run of equal sizes), they are all of the same
+  size, so any of their mesh axes divides it: keep the candidate that stays most sharded.
+  Anything else (counts, placeholders of shape [1]) is replicated.
+  """
+  entries = _spec_entries(param_spec, len(param_shape))
+  if leaf_shape == param_shape:
+    return P(*entries)
+  if len(leaf_shape) == len(param_shape) - 1:
+    candidates = [entries[:i] + entries[i + 1:] for i in range(len(param_shape))
+                  if param_shape[:i] + param_shape[i + 1:] == leaf_shape]
+    if candidates:
+      return P(*max(candidates, key=lambda c: sum(e is not None for e in c)))
+  return P()
+
+
+def _normalize_rules(rules: LogicalRules) -> tuple:
+  # gin hands over lists; flax wants tuples of mesh axes.
+  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in rules)
+
+
+@gin.configurable
+class Partitioner:
+  """Builds the ('data', 'expert', 'model') mesh and turns logical names into shardings.
+
+  Attributes:
+    num_expert_partitions: size of the 'expert' mesh axis (experts are split over it).
+    num_model_partitions: size of the 'model' mesh axis (d_ff, heads, vocab split over it).
+    mesh_shape: explicit (data, expert, model) sizes, a dict, or 'data:2,expert:4,model:1';
+      overrides the two above. The product must equal the number of devices.
+    logical_axis_rules: logical axis name -> mesh axes (DEFAULT_RULES).
+    devices: devices to use (default: all of jax.devices(), every process's).
+
+  gin: `Partitioner.num_expert_partitions = 8` (data takes the remaining devices).
+  """
+
+  def __init__(self, num_expert_partitions: int = 1, num_model_partitions: int = 1,
+               mesh_shape: Sequence[int] | Mapping[str, int] | str | None = None,
+               logical_axis_rules: LogicalRules = DEFAULT_RULES,
+               devices: Sequence[jax.Device] | None = None):
+    devices = list(jax.devices() if devices is None else devices)
+    shape = _mesh_shape(len(devices), num_expert_partitions, num_model_partitions, mesh_shape)
+    auto = (jax.sharding.AxisType.Auto,) * 3  # with_sharding_constraint needs Auto axes
+    self.mesh: Mesh | AbstractMesh = jax.make_mesh(shape, MESH_AXES, axis_types=auto,
+                                                   devices=devices)
+    self.rules = _normalize_rules(logical_axis_rules)
+
+  @classmethod
+  def abstract(cls, mesh_shape: Sequence[int] | Mapping[str, int] | str,
+               logical_axis_rules: LogicalRules = DEFAULT_RULES) -> "Partitioner":
+    """A partitioner over an AbstractMesh of any size (no devices): shardings and planning
+    only, e.g. 256 or 2048 devices on one machine."""
+    self = cls.__new__(cls)
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    self.mesh = AbstractMesh(_as_shape(mesh_shape), MESH_AXES, axis_types=auto)
+    self.rules = _normalize_rules(logical_axis_rules)
+    return self
+
+  @property
+  def mesh_sizes(self) -> dict[str, int]:
+    """{'data': D, 'expert': X, 'model': M}."""
+    return dict(zip(self.mesh.axis_names, self.mesh.axis_sizes))
+
+  @property
+  def num_expert_partitions(self) -> int:
+    return self.mesh_sizes["expert"]
+
+  # ---- logical names -> shardings -------------------------------------------------------------
+
+  def logical_to_mesh_spec(self, names: Sequence[str | None] | None) -> P:
+    """('batch', 'length', 'embed') -> PartitionSpec of mesh axes."""
+    if names is None:
+      return P()
+    return nn.logical_to_mesh_axes(tuple(names), self.rules)
+
+  def logical_to_sharding(self, tree: Any) -> Any:
+    """Tree of logical PartitionSpecs (or name tuples) -> tree of NamedShardings."""
+    return jax.tree.map(lambda s: NamedSharding(self.mesh, self.logical_to_mesh_spec(s)), tree,
+                        is_leaf=lambda x: isinstance(x, (P, tuple)) or x is None)
+
+  def _check_divisible(self, path: str, shape: tuple[int, ...], spec: P) -> None:
+    sizes = self.mesh_sizes
+    for dim, entry in zip(shape, _spec_entries(spec, len(shape))):
+      n = math.prod(sizes[a] for a in _axes_of(entry))
+      if dim % n:
+        raise ValueError(f"{path}: dimension of size {dim} is sharded over mesh axes "
+                         f"{_axes_of(entry)} of size {n}, which does not divide it; "
+                         "change the mesh or the logical_axis_rules")
+
+  def params_shardings(self, abstract_variables: Any) -> Any:
+    """Abstract variables whose leaves carry flax logical partitioning metadata (the output of
+    jax.eval_shape of an init with nn.with_logical_partitioning params) -> NamedSharding tree
+    shaped like the unboxed variables. Unboxed leaves are replicated."""
+    specs = nn.get_partition_spec(abstract_variables)
+    values = nn.unbox(abstract_variables)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(values)
+    spec_leaves = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    out = []
+    for (path, leaf), logical in zip(flat, spec_leaves):
+      spec = self.logical_to_mesh_spec(tuple(logical))
+      self._check_divisible(jax.tree_util.keystr(path), tuple(leaf.shape), spec)
+      out.append(NamedSharding(self.mesh, spec))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+  def opt_state_shardings(self, optimizer: optax.GradientTransformation, params: Any,
+                          params_shardings: Any = None) -> Any:
+    """NamedSharding tree for `optimizer.init(params)`, for any optax state.
+
+    params: the tree the optimizer is initialised with: abstract or real, boxed (logical
+      metadata) or plain. params_shardings: their shardings (default: from the boxes).
+    Each state leaf is matched to a param by tree path (the longest suffix of the leaf's path
+    that is a param's path); it takes the param's spec, minus the reduced dimension for
+    Adafactor's factored statistics (v_row / v_col of an expert weight [e,m,h] keep 'expert').
+    Leaves that match no param (counts, scalars) are replicated.
+    """
+    if params_shardings is None:
+      params_shardings = self.params_shardings(params)
+    values = nn.unbox(params)
+    param_leaves = jax.tree_util.tree_flatten_with_path(values)[0]
+    sharding_leaves = jax.tree_util.tree_leaves(params_shardings)
+    by_path = {_path_names(path): (tuple(leaf.shape), s.spec)
+               for (path, leaf), s in zip(param_leaves, sharding_leaves)}
+    abstract_state = jax.eval_shape(optimizer.init, values)
+
+    def leaf_sharding(path, leaf):
+      names = _path_names(path)
+      for i in range(len(names)):
+        if names[i:] in by_path:
+          shape, spec = by_path[names[i:]]
+          return NamedSharding(self.mesh, _derived_spec(shape, spec, tuple(leaf.shape)))
+      return NamedSharding(self.mesh, P())
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
+
+  def data_sharding(self, ndim: int) -> NamedSharding:
+    """Sharding of a batch array [b, ...]: b over the mesh axes of 'batch' (data × expert)."""
+    return NamedSharding(self.mesh, self.logical_to_mesh_spec(("batch",) + (None,) * (ndim - 1)))
+
+  @property
+  def batch_partitions(self) -> int:
+    """How many ways the batch dimension is split (data × expert by default)."""
+    return math.prod(self.mesh_sizes[a] for a in _axes_of(self.data_sharding(1).spec[0]))
+
+  # ---- checks ---------------------------------------------------------------------------------
+
+  def validate(self, *, num_experts: int | None = None, batch_size: int | None = None,
+               num_groups: int | None = None) -> None:
+    """One-line ValueError naming the setting that does not fit the mesh. Call before
+    compiling; batch_size is the global batch."""
+    x = self.num_expert_partitions
+    if num_experts is not None and num_experts % x:
+      raise ValueError(f"num_experts={num_experts} is not divisible by the {x} expert "
+                       "partitions (num_expert_partitions / mesh 'expert' axis)")
+    if batch_size is not None:
+      n = self.batch_partitions
+      if batch_size % n:
+        raise ValueError(f"batch_size={batch_size} (global) is not divisible by the {n} batch "
+                         f"partitions (mesh data x expert = {self.mesh_sizes['data']} x {x})")
+      if batch_size % jax.process_count():
+        raise ValueError(f"batch_size={batch_size} (global) is not divisible by the "
+                         f"{jax.process_count()} processes")
+    if num_groups is not None and num_groups % x:
+      raise ValueError(f"num_groups={num_groups} is not a multiple of the {x} expert "
+                       "partitions (set MoeLayer.num_expert_partitions to the mesh 'expert' size)")
+
+  # ---- running --------------------------------------------------------------------------------
+
+  def jit(self, fn: Callable, in_shardings: Any = None, out_shardings: Any = None,
+          donate_argnums: int | Sequence[int] = (),
+          static_argnums: int | Sequence[int] = ()) -> "MeshJitted":
+    """jax.jit with explicit shardings (None: left to the compiler), traced and run under the
+    mesh and the logical axis rules, so nn.with_logical_constraint in modules takes effect."""
+    if isinstance(self.mesh, AbstractMesh):
+      raise ValueError("an abstract Partitioner (no devices) can plan but not run")
+    kwargs: dict[str, Any] = {"donate_argnums": donate_argnums, "static_argnums": static_argnums}
+    if in_shardings is not None:
+      kwargs["in_shardings"] = in_shardings
+    if out_shardings is not None:
+      kwargs["out_shardings"] = out_shardings
+    return MeshJitted(jax.jit(fn, **kwargs), self.mesh, self.rules)
+
+  def initialize(self, init_fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `init_fn(*args)` (e.g. module.init or model.get_initial_variables) with every
+    variable created directly in its sharding: no full copy on one device. Returns the
+    unboxed variables. Array arguments (rngs) are traced; anything else (shapes) is static."""
+    is_array = [isinstance(a, (jax.Array, np.ndarray)) for a in args]
+    arrays = [a for a, flag in zip(args, is_array) if flag]
+
+    def call(*array_args):
+      it = iter(array_args)
+      return init_fn(*[next(it) if flag else a for a, flag in zip(args, is_array)])
+
+    shardings = self.params_shardings(jax.eval_shape(call, *arrays))
+    return self.jit(lambda *a: nn.unbox(call(*a)), out_shardings=shardings)(*arrays)
+
+  def shard_batch(self, local_batch: Any) -> Any:
+    """This process's rows of the global batch (tree of numpy arrays [b_local, ...]) -> global
+    jax.Arrays [b_local * processes, ...] sharded like data_sharding."""
+    def put(x):
+      x = np.asarray(x)
+      rows = x.shape[0] * jax.process_count()
+      if rows % self.batch_partitions:
+        raise ValueError(f"global batch of {rows} rows ({x.shape[0]} per process) is not "
+                         f"divisible by the {self.batch_partitions} batch partitions")
+      return jax.make_array_from_process_local_data(self.data_sharding(x.ndim), x)
+    return jax.tree.map(put, local_batch)
+
+
+class MeshJitted:
+  """A jitted function that traces, lowers and runs under its mesh and logical axis rules."""
+
+  def __init__(self, jitted: Any, mesh: Mesh, rules: LogicalRules):
+    self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+  def __call__(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.jitted.lower(*args, **kwargs)
+
+
+@gin.configurable
+def initialize_multihost(coordinator_address: str | None = None,
+                         num_processes: int | None = None, process_id: int | None = None,
+                         auto_detect: bool = False) -> bool:
+  """Start jax.distributed before any other JAX call; returns whether it was started.
+
+  Arguments default to $MOE_JAX_COORDINATOR ('host:port'), $MOE_JAX_NUM_PROCESSES and
+  $MOE_JAX_PROCESS_ID. With none of them set: auto_detect=True calls
+  jax.distributed.initialize() with no arguments (Cloud TPU pods, SLURM, ... fill them in);
+  otherwise this is a single-process run and nothing happens. CPU processes talk over gloo.
+  """
+  coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+  if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
+    num_processes = int(os.environ[ENV_NUM_PROCESSES])
+  if process_id is None and os.environ.get(ENV_PROCESS_ID):
+    process_id = int(os.environ[ENV_PROCESS_ID])
+  given = (coordinator_address, num_processes, process_id)
+  # Only affects the CPU backend; without it CPU devices of different processes can't talk.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if all(v is None for v in given):
+    if not auto_detect:
+      return False
+    jax.distributed.initialize()
+    return True
+  if any(v is None for v in given):
+    raise ValueError("initialize_multihost needs coordinator_address, num_processes and "
+                     f"process_id together (or ${ENV_COORDINATOR}, ${ENV_NUM_PROCESSES}, "
+                     f"${ENV_PROCESS_ID}); got {given}")
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  return True
+
+
+# ---- memory planner ---------------------------------------------------------------------------
+
+# Logical axes of the einsum dispatch's tensors: the dispatch mask and combine weights [g,s,e,c]
+# are split on g like the batch; the expert buffers [e,g,c,m] and hidden [e,g,c,h] as
+# moe_jax/dispatch.py constrains them (e over 'expert', g over the data replicas).
+MASK_AXES = ("batch", None, None, None)
+EXPERT_BUFFER_AXES = dispatch_lib.EXPERT_AXES
+EXPERT_HIDDEN_AXES = dispatch_lib.HIDDEN_AXES
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeLayerGeometry:
+  """One MoE layer's token buffers in one step (letters as in DESIGN.md section 3)."""
+  name: str
+  num_groups: int  # g
+  group_size: int  # s
+  num_experts: int  # e
+  capacity: int  # c
+  d_model: int  # m
+  d_ff: int  # h
+  num_wi: int = 1  # 2 for gated activations (wi_0, wi_1)
+  dtype_bytes: int = 4  # dispatch mask and expert activations; combine weights are float32
+  dispatch: str = "einsum"  # only the einsum dispatch is planned
+
+
+def moe_geometries(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[MoeLayerGeometry]:
+  """Every MoeLayer call made by `fn(*args, **kwargs)` (e.g. a model's loss_fn), found by
+  tracing it abstractly (jax.eval_shape: nothing is computed or allocated)."""
+  from moe_jax import moe_layer  # the planner needs the layer; the partitioner does not
+
+  found: list[MoeLayerGeometry] = []
+
+  def record(next_fun, call_args, call_kwargs, context):
+    module = context.module
+    if isinstance(module, moe_layer.MoeLayer) and context.method_name == "__call__":
+      b, l, m = call_args[0].shape
+      g, s = moe_layer.group_shape(b * l, group_size=module.group_size,
+                                   num_groups=module.num_groups,
+                                   num_expert_partitions=module.num_expert_partitions)
+      found.append(MoeLayerGeometry(
+          name="/".join(module.scope.path), num_groups=g, group_size=s,
+          num_experts=module.num_experts,
+          capacity=module.expert_capacity(s, bool(call_kwargs["deterministic"])),
+          d_model=m, d_ff=module.d_ff, num_wi=len(module.activations),
+          dtype_bytes=np.dtype(module.dtype).itemsize,
+          # 'auto' is einsum on the accelerators a plan is for (and whenever experts are split).
+          dispatch="einsum" if module.dispatch == "auto" else module.dispatch))
+    return next_fun(*call_args, **call_kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(functools.partial(fn, **kwargs), *args)
+  return found
+
+
+def tree_bytes_per_device(abstract_tree: Any, shardings: Any, mesh_sizes: Mapping[str, int]) -> int:
+  """Bytes one device holds of a tree of arrays (or ShapeDtypeStructs) with these shardings;
+  uneven shards count as the largest one."""
+  leaves = jax.tree.leaves(abstract_tree)
+  specs = [s.spec for s in jax.tree.leaves(shardings)]
+  return sum(math.prod(shard_shape(x.shape, spec, mesh_sizes)) * np.dtype(x.dtype).itemsize
+             for x, spec in zip(leaves, specs))
+
+
+def moe_layer_bytes(partitioner: Partitioner, layer: MoeLayerGeometry) -> dict[str, int]:
+  """Per-device bytes of one MoE layer's tensors and of its all-to-all traffic.
+
+  dispatch_mask, combine_weights [g,s,e,c]; expert_inputs, expert_outputs [e,g,c,m];
+  expert_hidden [e,g,c,h] (x num_wi). all_to_all_forward / all_to_all_backward: bytes one device
+  sends (and, symmetrically, receives) over the 'expert' axis: forward the dispatch (g -> e)
+  and the combine (e -> g) of an expert buffer; backward their two transposes. Each all-to-all
+  keeps 1/X of the block local. (The combine weights' gradient reuses the forward's combined
+  expert outputs; for some shapes XLA instead moves that gradient [g,s,e,c] too.)
+  """
+  sizes = partitioner.mesh_sizes
+  x = sizes["expert"]
+  spec = partitioner.logical_to_mesh_spec
+  g, s, e, c, m, h = (layer.num_groups, layer.group_size, layer.num_experts, layer.capacity,
+                      layer.d_model, layer.d_ff)
+  count = lambda shape, axes: math.prod(shard_shape(shape, spec(axes), sizes))  # noqa: E731
+  if layer.dispatch != "einsum":
+    raise ValueError(f"the planner models the einsum dispatch, not {layer.dispatch!r} "
+                     f"({layer.name})")
+  mask = count((g, s, e, c), MASK_AXES)
+  buffer = count((e, g, c, m), EXPERT_BUFFER_AXES) * layer.dtype_bytes
+  sent = lambda block: block * (x - 1) // x  # noqa: E731
+  return {
+      "dispatch_mask": mask * layer.dtype_bytes,
+      "combine_weights": mask * 4,
+      "expert_inputs": buffer,
+      "expert_hidden": count((e, g, c, h), EXPERT_HIDDEN_AXES) * layer.dtype_bytes * layer.num_wi,
+      "expert_outputs": buffer,
+      "all_to_all_forward": 2 * sent(buffer),
+      "all_to_all_backward": 2 * sent(buffer),
+  }
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+  """Per-device memory of a training step (bytes)."""
+  mesh: dict[str, int]
+  params: int
+  grads: int
+  opt_state: int
+  moe_layers: list[tuple[MoeLayerGeometry, dict[str, int]]]
+  hbm_bytes: int | None = None
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def moe_activations(self) -> int:
+    """MoE tensors of all layers kept for the backward pass (no rematerialization)."""
+    keys = ("dispatch_mask", "combine_weights", "expert_inputs", "expert_hidden", "expert_outputs")
+    return sum(b[k] for _, b in self.moe_layers for k in keys)
+
+  @property
+  def all_to_all_per_step(self) -> int:
+    return sum(b["all_to_all_forward"] + b["all_to_all_backward"] for _, b in self.moe_layers)
+
+  @property
+  def total(self) -> int:
+    return self.params + self.grads + self.opt_state + self.moe_activations
+
+  @property
+  def fits(self) -> bool | None:
+    return None if self.hbm_bytes is None else self.total <= self.hbm_bytes
+
+  def report(self) -> str:
+    gib = lambda b: f"{b / 2**30:9.3f} GiB"  # noqa: E731
+    mib = lambda b: f"{b / 2**20:9.2f} MiB"  # noqa: E731
+    row = lambda label, value: f"  {label:<40}{value}"  # noqa: E731
+    n = len(self.moe_layers)
+    mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
+    lines = [f"mesh {mesh} = {math.prod(self.mesh.values())} devices; per device:",
+             row("params", gib(self.params)),
+             row("gradients", gib(self.grads)),
+             row("optimizer state", gib(self.opt_state)),
+             row(f"MoE activations ({n} layers)", gib(self.moe_activations)),
+             row("total", gib(self.total) + "  (not counted: attention / dense activations, "
+                 "XLA temporaries)")]
+    if self.hbm_bytes is not None:
+      verdict = "fits" if self.fits else "does NOT fit"
+      lines.append(f"  {verdict} in {self.hbm_bytes / 2**30:g} GiB HBM "
+                   f"({100 * self.total / self.hbm_bytes:.0f}% used)")
+    if self.moe_layers:
+      lines.append(row(f"all-to-all per step ({n} layers)",
+                       gib(self.all_to_all_per_step) + " sent (as much received), fwd + bwd"))
+      geometry, b = max(self.moe_layers, key=lambda lb: lb[1]["expert_inputs"])
+      lines += [
+          f"  largest MoE layer {geometry.name}: g={geometry.num_groups} s={geometry.group_size} "
+          f"e={geometry.num_experts} c={geometry.capacity} m={geometry.d_model} h={geometry.d_ff}",
+          row("  dispatch mask [g,s,e,c]", mib(b["dispatch_mask"])),
+          row("  combine weights [g,s,e,c]", mib(b["combine_weights"])),
+          row("  expert inputs [e,g,c,m]", mib(b["expert_inputs"])),
+          row("  expert hidden [e,g,c,h]", mib(b["expert_hidden"])),
+          row("  all-to-all sent forward", mib(b["all_to_all_forward"])),
+          row("  all-to-all sent backward", mib(b["all_to_all_backward"]))]
+    lines += [f"  note: {note}" for note in self.notes]
+    return "\n".join(lines)
+
+
+def plan_memory(partitioner: Partitioner, abstract_params: Any,
+                optimizer: optax.GradientTransformation,
+                moe_layers: Sequence[MoeLayerGeometry] = (),
+                hbm_bytes: int | None = None) -> MemoryPlan:
+  """Per-device memory of training with `optimizer` on `partitioner`'s mesh (abstract is fine).
+
+  abstract_params: jax.eval_shape of the init, with logical partitioning boxes (the tree given
+  to the optimizer, e.g. variables['params']).
+  """
+  shardings = partitioner.params_shardings(abstract_params)
+  values = nn.unbox(abstract_params)
+  opt_shardings = partitioner.opt_state_shardings(optimizer, abstract_params, shardings)
+  sizes = partitioner.mesh_sizes
+  params = tree_bytes_per_device(values, shardings, sizes)
+  n = partitioner.batch_partitions
+  uneven = sorted({layer.num_groups for layer in moe_layers if layer.num_groups % n})
+  notes = [f"{g} MoE groups do not split evenly over the {n} batch partitions (data x expert): "
+           "shards are padded; a group_size giving a multiple of it uses every device"
+           for g in uneven]
+  # Under an expert axis XLA turns the indices dispatch's scatter / gather into all-gathers
+  # of the tokens, and dropless does not shard experts: neither fits this model.
+  unplanned = [f"{layer.name} ({layer.dispatch})" for layer in moe_layers
+               if layer.dispatch != "einsum"]
+  if unplanned:
+    notes.append(f"MoE layers not counted (only the einsum dispatch is planned): "
+                 f"{', '.join(unplanned)}")
+  return MemoryPlan(
+      mesh=sizes, params=params, grads=params,
+      opt_state=tree_bytes_per_device(jax.eval_shape(optimizer.init, values), opt_shardings,
+                                      sizes),
+      moe_layers=[(layer, moe_layer_bytes(partitioner, layer)) for layer in moe_layers
+                  if layer.dispatch == "einsum"],
+      hbm_bytes=hbm_bytes, notes=notes)

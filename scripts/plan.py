@@ -1,0 +1,100 @@
+"""Memory planner: per-device bytes of a gin model's training step on a mesh of any size.
+
+  python scripts/plan.py --gin_file=gin/models/switch_base.gin --mesh=data:32,expert:8,model:1 \\
+      --hbm_gib=16 [--batch_size=256 --inputs_length=512 --targets_length=114]
+
+Nothing is allocated or compiled: the model and the optimizer state are built with
+jax.eval_shape on an AbstractMesh, so 256 or 2048 devices plan on a laptop. Prints params,
+gradients and Adafactor state per device, one MoE layer's dispatch mask / combine weights /
+expert inputs and hidden, the all-to-all bytes per step, and whether it fits the HBM.
+The arithmetic lives in moe_jax.partitioning (plan_memory, moe_layer_bytes).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+
+from moe_jax import config, partitioning
+
+
+@gin.configurable
+def planned_model(model=gin.REQUIRED):
+  """Receives the gin MODEL macro (bound by main)."""
+  return model
+
+
+def optimizer_for(name: str) -> optax.GradientTransformation:
+  """The trainer's optimizers, as far as their state goes (the learning rate has none)."""
+  if name == "adafactor":  # T5 / trainer.adafactor defaults: factored above 128
+    return optax.adafactor(learning_rate=None, min_dim_size_to_factor=128)
+  if name == "adamw":
+    return optax.adamw(1e-3)
+  raise ValueError(f"--optimizer={name!r}: expected adafactor or adamw")
+
+
+def build_plan(gin_files: Sequence[str], mesh: str, *, batch_size: int, inputs_length: int,
+               targets_length: int, optimizer: str = "adafactor", hbm_gib: float | None = None,
+               gin_bindings: Sequence[str] = ()) -> partitioning.MemoryPlan:
+  """Parse the model gin, trace it abstractly on `mesh` ('data:32,expert:8,model:1')."""
+  part = partitioning.Partitioner.abstract(mesh)
+  x = part.num_expert_partitions
+  part.validate(batch_size=batch_size)
+  # The MoE layers' groups come in multiples of the mesh's expert partitions, as in training.
+  config.parse_gin(gin_files, [*gin_bindings, f"NUM_EXPERT_PARTITIONS = {x}",
+                               "planned_model.model = %MODEL"])
+  model = planned_model()
+  shapes = {"encoder_input_tokens": (batch_size, inputs_length),
+            "decoder_input_tokens": (batch_size, targets_length)}
+  variables = jax.eval_shape(lambda rng: model.get_initial_variables(rng, shapes),
+                             jax.random.key(0))
+  params = variables["params"]
+  batch = {
+      "encoder_input_tokens": jax.ShapeDtypeStruct((batch_size, inputs_length), jnp.int32),
+      "decoder_input_tokens": jax.ShapeDtypeStruct((batch_size, targets_length), jnp.int32),
+      "decoder_target_tokens": jax.ShapeDtypeStruct((batch_size, targets_length), jnp.int32),
+      "decoder_loss_weights": jax.ShapeDtypeStruct((batch_size, targets_length), jnp.float32),
+  }
+  # A training step: rng given -> train capacity factor, as the trainer's loss.
+  layers = partitioning.moe_geometries(model.loss_fn, nn.unbox(params), batch,
+                                       jax.random.key(0))
+  for layer in layers:
+    part.validate(num_experts=layer.num_experts, num_groups=layer.num_groups)
+  hbm = None if hbm_gib is None else int(hbm_gib * 2**30)
+  return partitioning.plan_memory(part, params, optimizer_for(optimizer), layers, hbm)
+
+
+def main(argv: Sequence[str] | None = None) -> partitioning.MemoryPlan:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--gin_file", action="append", required=True, dest="gin_files")
+  parser.add_argument("--gin_bindings", action="append", default=[],
+                      help="extra binding, e.g. 'NUM_EXPERTS = 64' (repeatable)")
+  parser.add_argument("--mesh", required=True, help="e.g. data:32,expert:8,model:1")
+  parser.add_argument("--hbm_gib", type=float, default=None, help="HBM per device (GiB)")
+  parser.add_argument("--batch_size", type=int, default=256, help="global batch (sequences)")
+  parser.add_argument("--inputs_length", type=int, default=512)
+  parser.add_argument("--targets_length", type=int, default=114)
+  parser.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adamw"])
+  args = parser.parse_args(argv)
+  try:
+    plan = build_plan(args.gin_files, args.mesh, batch_size=args.batch_size,
+                      inputs_length=args.inputs_length, targets_length=args.targets_length,
+                      optimizer=args.optimizer, hbm_gib=args.hbm_gib,
+                      gin_bindings=args.gin_bindings)
+  except ValueError as e:
+    print(f"plan.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"{', '.join(args.gin_files)}: batch {args.batch_size} x (inputs {args.inputs_length}, "
+        f"targets {args.targets_length}), {args.optimizer}")
+  print(plan.report())
+  return plan
+
+
+if __name__ == "__main__":
+  main()
