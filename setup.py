@@ -34,7 +34,10 @@ setuptools.setup(
         "rich>=13",  # jax.debug.visualize_array_sharding (notebooks)
     ],
     extras_require={
+        # HF transformers Switch/T5 import and export (scripts/convert_hf_switch.py).
+        "hf": ["safetensors>=0.4", "transformers>=4.45", "torch==2.13.0"],
         "test": [
+            "safetensors>=0.4",
             "pytest>=8.0",
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",
