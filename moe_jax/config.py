@@ -109,3 +109,16 @@ def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
     raise ValueError(f"gin: {e}") from None
   except Exception as e:  # gin raises ValueError, AttributeError, ImportError, SyntaxError...
     raise ValueError(f"gin: {_one_line(e)}") from None
+
+
+def build_model(gin_files: Sequence[str], bindings: Sequence[str] = (),
+                search_paths: Sequence[str] | None = None):
+  """The MODEL a model gin defines, e.g. build_model(['models/switch_tiny.gin']): for notebooks,
+  benchmarks and scripts that want the model without the trainer. Leaves the gin config parsed
+  (unlocked) so other configurables can still be queried."""
+  parse_gin(gin_files, bindings, search_paths, finalize=False)
+  try:
+    reference = gin.query_parameter("%MODEL")
+  except ValueError:
+    raise ValueError(f"gin: {list(gin_files)} define no MODEL macro") from None
+  return reference.scoped_configurable_fn()
