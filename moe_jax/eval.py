@@ -1,0 +1,75 @@
+"""Evaluate a checkpoint, t5x style: loss and accuracy per task of a mixture.
+
+  python -m moe_jax.eval \\
+    --gin_file=gin/models/switch_tiny.gin --gin_file=gin/runs/eval.gin \\
+    --gin.CHECKPOINT_PATH=\\"/tmp/run/checkpoint_200\\" --gin.EVAL_OUTPUT_DIR=\\"/tmp/run/eval\\"
+
+Flags as in moe_jax.train. Writes EVAL_OUTPUT_DIR/eval_results.json, TensorBoard scalars in
+EVAL_OUTPUT_DIR and prints the results.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import gin
+import jax
+from etils import epath
+
+from moe_jax import partitioning
+from moe_jax import train
+from moe_jax import trainer as trainer_lib
+from moe_jax.checkpoints import orbax_utils
+
+
+@gin.configurable
+def evaluate(*, model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
+             mixture_or_task_name: str = gin.REQUIRED,
+             task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+             batch_size: int = gin.REQUIRED, output_dir: str | None = None,
+             split: str = "validation", eval_steps: int | None = None, pack: bool = True,
+             partitioner: partitioning.Partitioner | None = None) -> dict[str, Any]:
+  """Restores the params at checkpoint_path and evaluates every task of the mixture.
+
+  checkpoint_path: a checkpoint_<step> directory or a model dir (latest step) [CHECKPOINT_PATH].
+  output_dir: where eval_results.json and TensorBoard logs go (default: <model dir>/eval)
+    [EVAL_OUTPUT_DIR]. eval_steps: batches per task (None: the whole split, one process only).
+  Returns {'step': s, '<task>/loss': ..., '<task>/accuracy': ..., '<task>/num_tokens': ...}.
+  """
+  partitioner = partitioner or partitioning.Partitioner()
+  partitioner.validate(batch_size=batch_size)
+  trainer = trainer_lib.Trainer(
+      model, partitioner, trainer_lib.batch_shapes(task_feature_lengths, batch_size, pack))
+  model_dir, step = orbax_utils.resolve_path(checkpoint_path)
+  params, _ = orbax_utils.restore_params_from_path(checkpoint_path, trainer.abstract_params)
+  batches = {task: trainer_lib.eval_batches(
+      task, task_feature_lengths=task_feature_lengths, batch_size=batch_size, split=split,
+      eval_steps=eval_steps, pack=pack) for task in trainer_lib.task_names(mixture_or_task_name)}
+  results = trainer_lib.evaluate_tasks(trainer, params, batches)
+  output_dir = orbax_utils.absolute(output_dir or os.path.join(model_dir, "eval"))
+  if jax.process_index() == 0:
+    epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
+    logger = trainer_lib.MetricsLogger(output_dir, None)
+    logger.write(step, results)
+    logger.close()
+    (epath.Path(output_dir) / "eval_results.json").write_text(json.dumps(
+        dict(step=step, checkpoint=checkpoint_path, split=split, **results), indent=1))
+  return dict(step=step, output_dir=output_dir, **results)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  results = train.run(evaluate, argv, "moe_jax.eval")
+  if jax.process_index() == 0:
+    print(f"Evaluated step {results['step']}:")
+    for key, value in results.items():
+      if "/" in key and not key.endswith("num_tokens"):
+        print(f"  {key}: {value:.4f}")
+    print(f"Results: {os.path.join(results['output_dir'], 'eval_results.json')}", flush=True)
+
+
+if __name__ == "__main__":
+  # Run the importable module, not this __main__ copy, so gin's bindings (made against
+  # moe_jax.eval.evaluate) apply.
+  from moe_jax import eval as _eval  # pylint: disable=redefined-builtin
+  _eval.main()

@@ -1,0 +1,738 @@
+"""Train state, train / eval steps, checkpointing and the training loop (t5x conventions).
+
+`train(...)` is what gin/runs/*.gin configure and `python -m moe_jax.train` runs:
+
+  data.get_dataset (this process's shard) -> Partitioner.shard_batch -> train_step (jit with
+  explicit shardings) -> metrics (TensorBoard via clu, MODEL_DIR/metrics.jsonl, tqdm)
+  -> orbax checkpoints every CHECKPOINT_PERIOD steps, the last step and on SIGTERM.
+
+The optimizer factories (`adafactor`, `adamw`) return the update direction for a learning
+rate of 1; the train step multiplies it by `learning_rate_fn(step)`, evaluated on the host and
+passed in. So the schedule follows the global step even when the optimizer state starts fresh
+(finetuning, sparse upcycling), the logged learning rate is the one applied, and a new schedule
+does not change the compiled step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import flax
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moe_jax import partitioning
+from moe_jax.checkpoints import orbax_utils
+
+Array = jax.Array
+PyTree = Any
+Schedule = Callable[[Array], Array]
+
+# ---- learning-rate schedules and optimizers -------------------------------------------------
+
+
+@gin.configurable
+def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000,
+                   linear_warmup: bool = False) -> Schedule:
+  """T5's schedule: base · 1/sqrt(max(step, warmup_steps)).
+
+  Constant base/sqrt(warmup) for the first warmup_steps, then inverse square-root decay (T5 and
+  Switch: base 1.0, warmup 10k). linear_warmup additionally ramps it from 0 over the warmup.
+  """
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    lr = base_learning_rate * jax.lax.rsqrt(jnp.maximum(step, float(warmup_steps)))
+    if linear_warmup:
+      lr = lr * jnp.minimum(1.0, (step + 1.0) / warmup_steps)
+    return lr
+  return schedule
+
+
+@gin.configurable
+def constant_schedule(learning_rate: float = 1e-3) -> Schedule:
+  """A constant learning rate (t5x finetuning uses 1e-3 with Adafactor)."""
+  return lambda step: jnp.full((), learning_rate, jnp.float32)
+
+
+@gin.configurable
+def adafactor(decay_rate: float = 0.8, factored: bool = True,
+              multiply_by_parameter_scale: bool = True, clipping_threshold: float | None = 1.0,
+              min_dim_size_to_factor: int = 128, momentum: float | None = None,
+              weight_decay_rate: float | None = None, epsilon: float = 1e-30
+              ) -> optax.GradientTransformation:
+  """Adafactor with the T5 defaults: factored second moments, decay_rate 0.8, updates clipped
+  to RMS 1.0 and scaled by the parameter's RMS (at least 1e-3), no momentum.
+
+  This is optax.adafactor without its learning rate, which the train step applies last: with
+  momentum or weight_decay_rate set, those terms are scaled by the learning rate as well.
+  """
+  return optax.adafactor(
+      learning_rate=None, decay_rate=decay_rate, factored=factored,
+      multiply_by_parameter_scale=multiply_by_parameter_scale,
+      clipping_threshold=clipping_threshold, min_dim_size_to_factor=min_dim_size_to_factor,
+      momentum=momentum, weight_decay_rate=weight_decay_rate, eps=epsilon)
+
+
+@gin.configurable
+def adamw(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 1e-4) -> optax.GradientTransformation:
+  """AdamW (decoupled weight decay, scaled by the learning rate like optax.adamw)."""
+  return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                     optax.add_decayed_weights(weight_decay), optax.scale(-1.0))
+
+
+# ---- data ---------------------------------------------------------------------------------
+
+
+def data_module():
+  """moe_jax.data, imported on first use: it starts TensorFlow (through seqio), which takes
+  seconds and prints to stderr, so command-line and gin errors are reported before that.
+
+  Its gin configurables may then register after the config was finalized: no binding can name
+  them unless a gin file imported the module (dynamic registration) while it was parsed.
+  """
+  with gin.unlock_config():
+    from moe_jax import data
+  return data
+
+
+# ---- train state and steps ------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a restart needs besides the data position."""
+  step: Array        # int32 []
+  params: PyTree
+  opt_state: PyTree
+  rng: Array         # uint32 [2]: the run's base key; step s uses fold_in(rng, s)
+
+
+def batch_shapes(task_feature_lengths: Mapping[str, int], batch_size: int,
+                 pack: bool) -> dict[str, tuple[int, int]]:
+  """Model-feature shapes of a global batch (t5x feature names)."""
+  le, ld = task_feature_lengths["inputs"], task_feature_lengths["targets"]
+  shapes = {"encoder_input_tokens": (batch_size, le), "decoder_input_tokens": (batch_size, ld),
+            "decoder_target_tokens": (batch_size, ld), "decoder_loss_weights": (batch_size, ld)}
+  if pack:
+    shapes.update(encoder_segment_ids=(batch_size, le), decoder_segment_ids=(batch_size, ld),
+                  encoder_positions=(batch_size, le), decoder_positions=(batch_size, ld))
+  return shapes
+
+
+# Terms of models.EncoderDecoderModel's loss normalized by the batch's target tokens; the
+# rest of the loss (MoE aux and router z-losses) is a mean over MoE groups.
+_TOKEN_NORMALIZED_LOSSES = ("cross_ent_loss", "z_loss")
+_TOKEN_NORMALIZED_METRICS = ("cross_ent_loss", "z_loss", "accuracy")
+
+
+class Trainer:
+  """Compiled train / eval steps of a model on a Partitioner's mesh.
+
+  model: models.EncoderDecoderModel (loss_fn, eval_fn, predict_batch, get_initial_variables).
+  input_shapes: global batch shapes of the model features (see batch_shapes).
+  optimizer: update direction for learning rate 1 (adafactor(), adamw(), any optax chain);
+    only needed for train_step.
+  num_microbatches: the global batch is split into this many slices whose gradients are
+    accumulated (token-weighted, see `_microbatch_grads`) before one optimizer update.
+  """
+
+  def __init__(self, model: Any, partitioner: partitioning.Partitioner,
+               input_shapes: Mapping[str, tuple[int, ...]],
+               optimizer: optax.GradientTransformation | None = None, *,
+               num_microbatches: int = 1,
+               grad_clip_norm: float | None = None):
+    self.model, self.partitioner = model, partitioner
+    self.num_microbatches = int(num_microbatches)
+    batch_size = next(iter(input_shapes.values()))[0]
+    if self.num_microbatches < 1 or batch_size % self.num_microbatches:
+      raise ValueError(f"num_microbatches={num_microbatches} must divide the batch size "
+                       f"{batch_size}")
+    # Eval and inference build a Trainer without an optimizer (no train_step then).
+    optimizer = optimizer or optax.identity()
+    self.optimizer = (optax.chain(optax.clip_by_global_norm(grad_clip_norm), optimizer)
+                      if grad_clip_norm else optimizer)
+    self.input_shapes = dict(input_shapes)
+    boxed = jax.eval_shape(lambda r: model.get_initial_variables(r, self.input_shapes),
+                           jax.random.PRNGKey(0))
+    self.params_shardings = partitioner.params_shardings(boxed)["params"]
+    self.abstract_params = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.unbox(boxed)["params"], self.params_shardings)
+    self.opt_shardings = partitioner.opt_state_shardings(
+        self.optimizer, self.abstract_params, self.params_shardings)
+    replicated = NamedSharding(partitioner.mesh, P())
+    self.replicated = replicated
+    self.state_shardings = TrainState(step=replicated, params=self.params_shardings,
+                                      opt_state=self.opt_shardings, rng=replicated)
+    self._train_step = None
+    self._eval_step = None
+
+  # -- state ------------------------------------------------------------------------------------
+
+  def init_state(self, seed: int) -> TrainState:
+    """Fresh params (created directly in their shardings), optimizer state, step 0."""
+    def init(rng):
+      params = nn.unbox(self.model.get_initial_variables(rng, self.input_shapes))["params"]
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=self.optimizer.init(params), rng=rng)
+    rng = jax.device_put(jax.random.PRNGKey(seed), self.replicated)
+    lowered = self.partitioner.jit(init, in_shardings=(self.replicated,),
+                                   out_shardings=self.state_shardings).lower(rng)
+    # Initialization runs once: on CPU, XLA's backend optimizations cost several times the
+    # compile time (seconds to minutes) and save nothing.
+    options = ({"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None)
+    return lowered.compile(compiler_options=options)(rng)
+
+  def state_from_params(self, params: PyTree, step: int, seed: int) -> TrainState:
+    """A train state around given params with a fresh optimizer state (finetune, upcycle)."""
+    opt_state = self.partitioner.jit(self.optimizer.init, in_shardings=(self.params_shardings,),
+                                     out_shardings=self.opt_shardings)(params)
+    return TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), self.replicated),
+                      params=params, opt_state=opt_state,
+                      rng=jax.device_put(jax.random.PRNGKey(seed), self.replicated))
+
+  def abstract_train_state(self) -> dict[str, Any]:
+    """The orbax 'train_state' item (step, rng, opt_state) as ShapeDtypeStructs with shardings."""
+    opt = jax.eval_shape(self.optimizer.init, self.abstract_params)
+    opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       opt, self.opt_shardings)
+    return {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
+            "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=self.replicated),
+            "opt_state": opt}
+
+  # -- steps ------------------------------------------------------------------------------------
+
+  def _batch_shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+    return {k: self.partitioner.data_sharding(np.ndim(v)) for k, v in batch.items()}
+
+  def _microbatch_grads(self, params, batch, rng):
+    """(grads, metrics) of the loss over `batch`, accumulated over microbatches.
+
+    Microbatch i takes rows i, i+n, i+2n, ... so every device keeps its own rows. The model
+    normalizes its cross-entropy and output z-loss by the batch's target tokens and averages
+    the MoE losses over groups, so microbatch i's token-normalized terms are weighted by its
+    share of the target tokens and the rest (aux and router z-losses) by 1/n. For a
+    deterministic model whose MoE groups do not straddle microbatches this is the full-batch
+    gradient up to float summation order.
+    """
+    n = self.num_microbatches
+    if n == 1:
+      (_, metrics), grads = jax.value_and_grad(self.model.loss_fn, has_aux=True)(
+          params, batch, rng)
+      return grads, metrics
+
+    def objective(p, mb, mb_rng, share):
+      loss, metrics = self.model.loss_fn(p, mb, mb_rng)
+      per_token = sum(metrics[k] for k in _TOKEN_NORMALIZED_LOSSES)
+      return share * per_token + (loss - per_token) / n, metrics
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def split(x):  # [b, ...] -> [n, b/n, ...], microbatch i = rows i::n
+      x = x.reshape((x.shape[0] // n, n) + x.shape[1:])
+      return jnp.swapaxes(x, 0, 1)
+    micro = jax.tree.map(split, batch)
+    weights = micro["decoder_loss_weights"].astype(jnp.float32)
+    tokens = jnp.sum(weights, axis=tuple(range(1, weights.ndim)))
+    shares = tokens / jnp.maximum(jnp.sum(tokens), 1.0)
+
+    def body(carry, xs):
+      grads_acc, metrics_acc = carry
+      i, mb, share = xs
+      (objective_value, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i), share)
+      metrics = {k: (share if k in _TOKEN_NORMALIZED_METRICS else 1.0 / n) * v
+                 for k, v in metrics.items()}
+      metrics["loss"] = objective_value
+      grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+      metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
+      return (grads_acc, metrics_acc), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    metrics_shape = jax.eval_shape(lambda: self.model.loss_fn(params, first, rng)[1])
+    zeros = (jax.tree.map(jnp.zeros_like, params),
+             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
+    (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(n), micro, shares))
+    metrics["num_tokens"] = jnp.sum(tokens)
+    return grads, metrics
+
+  def _train_step_impl(self, state: TrainState, batch, lr):
+    rng = jax.random.fold_in(state.rng, state.step)
+    grads, metrics = self._microbatch_grads(state.params, batch, rng)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + (lr * u).astype(p.dtype), state.params, updates)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    metrics = dict(metrics, learning_rate=lr, grad_norm=grad_norm)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def train_step(self, state: TrainState, batch: Mapping[str, Array], learning_rate: float
+                 ) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer update on a global batch (from Partitioner.shard_batch). `state` is
+    donated: its buffers are reused for the result."""
+    if self._train_step is None:
+      self._train_step = self.partitioner.jit(
+          self._train_step_impl,
+          in_shardings=(self.state_shardings, self._batch_shardings(batch), self.replicated),
+          out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+    return self._train_step(state, batch, np.float32(learning_rate))
+
+  def eval_step(self, params: PyTree, batch: Mapping[str, Array]) -> dict[str, Array]:
+    """Deterministic metrics (eval capacity factor) of a global batch."""
+    if self._eval_step is None:
+      self._eval_step = self.partitioner.jit(
+          lambda p, b: self.model.eval_fn(p, b)[1],
+          in_shardings=(self.params_shardings, self._batch_shardings(batch)),
+          out_shardings=self.replicated)
+    return self._eval_step(params, batch)
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+
+def _to_host(metrics: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  return {k: np.asarray(v) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+def average_metrics(history: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Mean over steps; num_tokens is summed."""
+  out = {}
+  for key in history[0]:
+    values = np.stack([np.asarray(h[key], np.float64) for h in history])
+    out[key] = values.sum(0) if key == "num_tokens" else values.mean(0)
+  return out
+
+
+def moe_summary(metrics: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """Per-layer MoE metrics ('moe/<layer>/<name>') -> means over layers and expert loads."""
+  by_name: dict[str, list[float]] = {}
+  loads = {}
+  for key, value in metrics.items():
+    if not key.startswith("moe/"):
+      continue
+    layer, name = key[len("moe/"):].rsplit("/", 1)
+    if name == "expert_load":
+      loads[layer] = np.asarray(value)
+    elif np.ndim(value) == 0:
+      by_name.setdefault(name, []).append(float(value))
+  out: dict[str, Any] = {f"mean_{k}": float(np.mean(v)) for k, v in by_name.items()}
+  out["expert_load"] = loads
+  return out
+
+
+class MetricsLogger:
+  """TensorBoard (clu SummaryWriter) + JSON lines; only process 0 writes.
+
+  Scalars go to both; a vector metric such as moe/<layer>/expert_load becomes a TensorBoard
+  histogram and a list in the JSON line.
+  """
+
+  def __init__(self, logdir: str, jsonl_path: str | None):
+    self.active = jax.process_index() == 0
+    self.logdir, self.jsonl_path = logdir, jsonl_path
+    if self.active:
+      from clu import metric_writers  # imports TensorFlow: only where it writes
+      self.writer = metric_writers.SummaryWriter(logdir)
+      self.jsonl = open(jsonl_path, "a") if jsonl_path else None
+
+  def write(self, step: int, metrics: Mapping[str, Any], **extra: Any) -> None:
+    if not self.active:
+      return
+    scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+    hists = {k: np.asarray(v) for k, v in metrics.items() if np.ndim(v) > 0}
+    self.writer.write_scalars(step, scalars)
+    if hists:
+      self.writer.write_histograms(step, hists)
+    self.writer.flush()
+    if self.jsonl:
+      row = dict(step=step, **extra, **scalars, **{k: v.tolist() for k, v in hists.items()})
+      self.jsonl.write(json.dumps(row) + "\n")
+      self.jsonl.flush()
+
+  def close(self) -> None:
+    if self.active:
+      self.writer.close()
+      if self.jsonl:
+        self.jsonl.close()
+
+
+# ---- preemption -----------------------------------------------------------------------------
+
+
+class _Preemption:
+  """SIGTERM -> checkpoint at the current step and a clean exit.
+
+  One process: a Python signal handler sets a flag the loop polls. Several processes: jax's
+  preemption sync manager (started by jax.distributed) catches SIGTERM and all processes agree
+  on the step to stop at.
+  """
+
+  def __init__(self):
+    self.flag = False
+    self.previous = None
+    if jax.process_count() == 1:
+      self.previous = signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.flag = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.flag
+    from jax.experimental import multihost_utils
+    return multihost_utils.reached_preemption_sync_point(step)
+
+  def close(self) -> None:
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
+
+
+# ---- the loop -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainSummary:
+  """What `train` returns (and the CLI prints)."""
+  step: int
+  model_dir: str
+  checkpoint: str | None          # the last checkpoint directory written or restored
+  tensorboard_dir: str
+  metrics_file: str | None       # MODEL_DIR/metrics.jsonl (local model dirs)
+  preempted: bool
+  final_metrics: dict[str, Any]   # train metrics averaged over the last stats period
+  eval_metrics: dict[str, Any]    # last eval ('<task>/loss', '<task>/accuracy', ...)
+  history: list[dict[str, Any]]   # one entry per stats period: {'step': s, metrics...}
+  restored_from: str | None
+  seconds: float
+
+
+def _local_tokens(batch: Mapping[str, np.ndarray]) -> int:
+  """Non-padding input + target tokens of this process's rows."""
+  return int(np.count_nonzero(batch["encoder_input_tokens"])
+             + np.count_nonzero(batch["decoder_target_tokens"]))
+
+
+def task_names(mixture_or_task_name: str) -> list[str]:
+  """The tasks eval reports separately: a mixture's tasks, or the task itself."""
+  data_module()  # registers the tasks
+  import seqio  # after data_module, for the same reason
+  provider = seqio.get_mixture_or_task(mixture_or_task_name)
+  tasks = getattr(provider, "tasks", None)
+  return [t.name for t in tasks] if tasks else [mixture_or_task_name]
+
+
+def eval_batches(task: str, *, task_feature_lengths: Mapping[str, int], batch_size: int,
+                 split: str = "validation", eval_steps: int | None = 20, pack: bool = True,
+                 seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """This process's batches of one task for eval: the first eval_steps (None: one pass).
+
+  Several processes repeat the data, so that each runs exactly eval_steps batches and none
+  waits on a shard that ran out.
+  """
+  if eval_steps is None and jax.process_count() > 1:
+    raise ValueError("eval_steps=None (a full pass) needs one process: shards of unequal length "
+                     "would leave processes waiting on each other; set eval_steps")
+  it = data_module().get_dataset(task, dict(task_feature_lengths), split, batch_size,
+                                 shuffle=False, seed=seed, shard_id=jax.process_index(),
+                                 num_shards=jax.process_count(), pack=pack,
+                                 num_epochs=1 if jax.process_count() == 1 else None)
+  return itertools.islice(it, eval_steps)
+
+
+def evaluate_tasks(trainer: Trainer, params: PyTree,
+                   batches: Mapping[str, Iterable[Mapping[str, np.ndarray]]]) -> dict[str, float]:
+  """Token-weighted loss and accuracy of each task's batches ({task: batches}).
+
+  Returns {'<task>/loss': ..., '<task>/cross_ent_loss': ..., '<task>/accuracy': ...,
+  '<task>/num_tokens': ...}.
+  """
+  out = {}
+  for task, task_batches in batches.items():
+    sums = {"loss": 0.0, "cross_ent_loss": 0.0, "accuracy": 0.0}
+    total = 0.0
+    for local in task_batches:
+      metrics = _to_host(trainer.eval_step(params, trainer.partitioner.shard_batch(local)))
+      weight = float(metrics["num_tokens"])
+      for key in sums:
+        sums[key] += weight * float(metrics[key])
+      total += weight
+    for key, value in sums.items():
+      out[f"{task}/{key}"] = value / max(total, 1e-9)
+    out[f"{task}/num_tokens"] = total
+  return out
+
+
+def _this_process(data_state: Mapping[str, Any]) -> dict[str, Any]:
+  """The saved (process 0) data position for this process's shard.
+
+  Every process consumes the same number of batches of its own shard, so process 0's position
+  with this process's shard_id is this process's position.
+  """
+  return dict(data_state, shard_id=jax.process_index(), num_shards=jax.process_count())
+
+
+def _restore_or_init(trainer: Trainer, manager, it, *, seed: int,
+                     initial_checkpoint_path: str | None, initial_checkpoint_mode: str,
+                     restore_dataset: bool, model_dir: str) -> tuple[TrainState, str | None]:
+  """Latest checkpoint in MODEL_DIR, else INITIAL_CHECKPOINT_PATH (by mode), else fresh."""
+  step = manager.latest_step()
+  if step is not None:  # a restart: everything, data position included
+    params, ts, data_state = orbax_utils.restore(
+        manager, step, abstract_params=trainer.abstract_params,
+        abstract_train_state=trainer.abstract_train_state(), with_data=True)
+    if data_state:
+      it.set_state(_this_process(data_state))
+    return TrainState(step=ts["step"], params=params, opt_state=ts["opt_state"],
+                      rng=ts["rng"]), orbax_utils.step_dir(model_dir, step)
+  if not initial_checkpoint_path:
+    return trainer.init_state(seed), None
+
+  ckpt_dir, ckpt_step = orbax_utils.resolve_path(initial_checkpoint_path)
+  source = orbax_utils.step_dir(ckpt_dir, ckpt_step)
+  if initial_checkpoint_mode == "upcycle":
+    dense_abstract, _ = orbax_utils.params_metadata(source)
+    dense_abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=trainer.replicated),
+        dense_abstract)
+    dense, _ = orbax_utils.restore_params_from_path(source, dense_abstract)
+    fresh = trainer.init_state(seed)
+    params, report = orbax_utils.upcycle_params(dense, fresh.params)
+    logging.info("sparse upcycling from %s: %d copied, %d expert weights tiled, fresh: %s",
+                 source, len(report["copied"]), len(report["tiled"]), report["fresh"])
+    params = jax.device_put(params, trainer.params_shardings)
+    return trainer.state_from_params(params, 0, seed), source
+
+  reader = orbax_utils.read_only_manager(ckpt_dir)
+  has_train_state = (epath.Path(source) / "train_state").is_dir()
+  if initial_checkpoint_mode == "full" and has_train_state:
+    params, ts, data_state = orbax_utils.restore(
+        reader, ckpt_step, abstract_params=trainer.abstract_params,
+        abstract_train_state=trainer.abstract_train_state(), with_data=restore_dataset)
+    state = TrainState(step=ts["step"], params=params, opt_state=ts["opt_state"], rng=ts["rng"])
+  else:  # 'params', or 'full' from a checkpoint without optimizer state
+    params, _, data_state = orbax_utils.restore(
+        reader, ckpt_step, abstract_params=trainer.abstract_params, with_data=restore_dataset)
+    state = trainer.state_from_params(params, ckpt_step, seed)
+  reader.close()
+  if restore_dataset and data_state:
+    it.set_state(_this_process(data_state))
+  return state, source
+
+
+@gin.configurable
+def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
+          total_steps: int = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
+          task_feature_lengths: Mapping[str, int] = gin.REQUIRED, batch_size: int = gin.REQUIRED,
+          optimizer: Callable[[], optax.GradientTransformation] = adafactor,
+          learning_rate_fn: Schedule | None = None,
+          partitioner: partitioning.Partitioner | None = None, num_microbatches: int = 1,
+          grad_clip_norm: float | None = None, random_seed: int = 0, shuffle: bool = True,
+          pack: bool = True, checkpoint_period: int = 1000, keep_checkpoints: int | None = None,
+          checkpoint_params_dtype: str | None = None,
+          initial_checkpoint_path: str | None = None, initial_checkpoint_mode: str = "full",
+          restore_dataset: bool = False, stats_period: int = 10, eval_period: int = 0,
+          eval_steps: int | None = 20, eval_split: str = "validation", use_tqdm: bool = True,
+          write_jsonl: bool = True) -> TrainSummary:
+  """Trains `model` to step `total_steps`; resumes from MODEL_DIR's latest checkpoint.
+
+  Args (gin macros of gin/runs/*.gin in brackets):
+    model: models.EncoderDecoderModel [MODEL].
+    model_dir: checkpoints, TensorBoard logs (train/, training_eval/) and metrics.jsonl
+      [MODEL_DIR].
+    total_steps: the final global step, counting restored steps (t5x) [TRAIN_STEPS].
+    mixture_or_task_name, task_feature_lengths: seqio task and {'inputs': le, 'targets': ld}.
+    batch_size: global batch; each process reads batch_size / process_count rows [BATCH_SIZE].
+    optimizer: factory of the update direction (adafactor, adamw) [OPTIMIZER].
+    learning_rate_fn: step -> learning rate (default rsqrt_schedule()).
+    partitioner: partitioning.Partitioner (default: all devices on 'data').
+    num_microbatches: gradient accumulation slices per step [NUM_MICROBATCHES].
+    grad_clip_norm: clip gradients to this global norm (None: off, as in T5).
+    checkpoint_period, keep_checkpoints: save every N steps (and at the end), keep the last K.
+    checkpoint_params_dtype: e.g. 'bfloat16' to store params smaller (restored as float32).
+    initial_checkpoint_path: used when MODEL_DIR has no checkpoint: a checkpoint_<step> dir or
+      a model dir (latest step) [INITIAL_CHECKPOINT_PATH].
+    initial_checkpoint_mode: 'full' (params, optimizer state, step, rng; params only when the
+      checkpoint has no optimizer state), 'params' (params and step, fresh optimizer), or
+      'upcycle' (a dense checkpoint -> this MoE model, step 0; see orbax_utils.upcycle_params).
+    restore_dataset: also restore the data position from initial_checkpoint_path.
+    stats_period: steps per summary (TensorBoard, metrics.jsonl, progress bar loss).
+    eval_period, eval_steps, eval_split: eval every N steps (0: never) on the first
+      eval_steps batches of each task of the mixture (read once, the same batches every time)
+      [EVAL_PERIOD, EVAL_STEPS].
+  """
+  preemption = _Preemption()  # first, so that a SIGTERM during set-up is not lost either
+  try:  # locals() here are exactly the arguments
+    return _train(preemption, **{k: v for k, v in locals().items() if k != "preemption"})
+  finally:
+    preemption.close()
+
+
+def _train(preemption: _Preemption, *, model, model_dir, total_steps, mixture_or_task_name,
+           task_feature_lengths, batch_size, optimizer, learning_rate_fn, partitioner,
+           num_microbatches, grad_clip_norm, random_seed, shuffle, pack, checkpoint_period,
+           keep_checkpoints, checkpoint_params_dtype, initial_checkpoint_path,
+           initial_checkpoint_mode, restore_dataset, stats_period, eval_period, eval_steps,
+           eval_split, use_tqdm, write_jsonl) -> TrainSummary:
+  start_time = time.time()
+  partitioner = partitioner or partitioning.Partitioner()
+  partitioner.validate(batch_size=batch_size)
+  learning_rate_fn = learning_rate_fn or rsqrt_schedule()
+  model_dir = orbax_utils.absolute(model_dir)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
+  # JSON lines are appended, which remote file systems (gs://) do not offer.
+  jsonl = (os.path.join(model_dir, "metrics.jsonl")
+           if write_jsonl and "://" not in model_dir else None)
+
+  trainer = Trainer(model, partitioner, batch_shapes(task_feature_lengths, batch_size, pack),
+                    optimizer(), num_microbatches=num_microbatches,
+                    grad_clip_norm=grad_clip_norm)
+  it = data_module().get_dataset(mixture_or_task_name, dict(task_feature_lengths), "train",
+                            batch_size, shuffle=shuffle, seed=random_seed,
+                            shard_id=jax.process_index(), num_shards=jax.process_count(),
+                            pack=pack)
+  params_dtype = jnp.dtype(checkpoint_params_dtype) if checkpoint_params_dtype else None
+  if initial_checkpoint_mode not in ("full", "params", "upcycle"):
+    raise ValueError(f"initial_checkpoint_mode={initial_checkpoint_mode!r}: expected 'full', "
+                     "'params' or 'upcycle'")
+  eval_tasks = task_names(mixture_or_task_name) if eval_period else []
+  eval_data: dict[str, list[dict[str, np.ndarray]]] = {}
+  manager = orbax_utils.make_manager(model_dir, max_to_keep=keep_checkpoints)
+  train_logger = MetricsLogger(os.path.join(model_dir, "train"), jsonl)
+  eval_logger = (MetricsLogger(os.path.join(model_dir, "training_eval"), None)
+                 if eval_period else None)
+  progress = None
+  try:
+    state, restored_from = _restore_or_init(
+        trainer, manager, it, seed=random_seed, initial_checkpoint_path=initial_checkpoint_path,
+        initial_checkpoint_mode=initial_checkpoint_mode, restore_dataset=restore_dataset,
+        model_dir=model_dir)
+    step = int(jax.device_get(state.step))
+    resumed = manager.latest_step() is not None
+    last_checkpoint = restored_from if resumed else None
+
+    def save(step: int) -> str:
+      orbax_utils.save(manager, step, params=state.params,
+                       train_state={"step": state.step, "rng": state.rng,
+                                    "opt_state": state.opt_state},
+                       data_state=it.get_state(), params_dtype=params_dtype)
+      return orbax_utils.step_dir(model_dir, step)
+
+    if step >= total_steps:
+      logging.warning("step %d already reaches TRAIN_STEPS=%d (TRAIN_STEPS counts restored "
+                      "steps, as in t5x): nothing to train", step, total_steps)
+      if not resumed:  # keep what was built, e.g. an upcycled model with TRAIN_STEPS=0
+        last_checkpoint = save(step)
+    if use_tqdm and is_chief and step < total_steps:
+      from tqdm import tqdm
+      progress = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
+                      desc="train", smoothing=0.1)
+    pending: list[dict[str, Any]] = []   # device metrics since the last summary
+    # Throughput counts training only: the first step (compilation), evals and checkpoint
+    # saves are left out of the timed interval.
+    tokens, timer_start, timed_steps, paused = 0, None, 0, 0.0
+    history: list[dict[str, Any]] = []
+    final_metrics: dict[str, Any] = {}
+    eval_metrics: dict[str, Any] = {}
+    preempted = False
+    while step < total_steps:
+      local = next(it)
+      state, metrics = trainer.train_step(state, partitioner.shard_batch(local),
+                                          learning_rate_fn(step))
+      step += 1
+      pending.append(metrics)
+      if timer_start is None:
+        jax.block_until_ready(metrics)
+        timer_start = time.time()
+      else:
+        tokens += _local_tokens(local) * jax.process_count()
+        timed_steps += 1
+      if progress:
+        progress.update(1)
+      last = step >= total_steps
+      if step % stats_period == 0 or last:
+        averaged = average_metrics([_to_host(m) for m in pending])
+        pending = []
+        elapsed = time.time() - timer_start - paused
+        if timed_steps:
+          averaged["tokens_per_second"] = np.asarray(tokens / max(elapsed, 1e-9))
+          averaged["steps_per_second"] = np.asarray(timed_steps / max(elapsed, 1e-9))
+        tokens, timed_steps, timer_start, paused = 0, 0, time.time(), 0.0
+        train_logger.write(step, averaged, split="train")
+        final_metrics = averaged
+        history.append(dict(step=step, **averaged))
+        if progress:
+          postfix = {"loss": f"{float(averaged['loss']):.3f}"}
+          if "tokens_per_second" in averaged:
+            postfix["tok/s"] = f"{float(averaged['tokens_per_second']):.0f}"
+          progress.set_postfix(postfix)
+      pause_start = time.time()
+      if eval_period and (step % eval_period == 0 or last):
+        if not eval_data:  # read once, reused by every eval
+          eval_data.update({task: list(eval_batches(
+              task, task_feature_lengths=task_feature_lengths, batch_size=batch_size,
+              split=eval_split, eval_steps=eval_steps, pack=pack, seed=random_seed))
+              for task in eval_tasks})
+        eval_metrics = evaluate_tasks(trainer, state.params, eval_data)
+        eval_logger.write(step, eval_metrics)
+        train_logger.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()}, split="eval")
+      preempted = preemption.reached(step)
+      if last or preempted or step % checkpoint_period == 0:
+        last_checkpoint = save(step)
+      paused += time.time() - pause_start
+      if last or preempted:
+        break
+  finally:
+    if progress:
+      progress.close()
+    manager.wait_until_finished()
+    manager.close()
+    train_logger.close()
+    if eval_logger:
+      eval_logger.close()
+  return TrainSummary(
+      step=step, model_dir=model_dir, checkpoint=last_checkpoint,
+      tensorboard_dir=model_dir, metrics_file=jsonl,
+      preempted=preempted, final_metrics=final_metrics, eval_metrics=eval_metrics,
+      history=history, restored_from=restored_from, seconds=time.time() - start_time)
+
+
+def format_summary(summary: TrainSummary) -> str:
+  """The end-of-run report the CLI prints."""
+  m = summary.final_metrics
+  lines = [f"{'Preempted' if summary.preempted else 'Finished'} at step {summary.step} "
+           f"in {summary.seconds:.0f}s."]
+  if m:
+    parts = [f"loss {float(m['loss']):.4f}"]
+    for key in ("accuracy", "aux_loss", "z_loss", "router_z_loss"):
+      if key in m:
+        parts.append(f"{key} {float(m[key]):.4f}")
+    if "tokens_per_second" in m:
+      parts.append(f"{float(m['tokens_per_second']):.0f} tokens/s")
+    lines.append("Final train metrics: " + ", ".join(parts))
+    moe = moe_summary(m)
+    if "mean_fraction_dropped" in moe:
+      lines.append(f"Tokens dropped (mean over MoE layers): {moe['mean_fraction_dropped']:.2%}; "
+                   f"router confidence {moe.get('mean_router_confidence', float('nan')):.3f}")
+    for layer, load in moe["expert_load"].items():
+      lines.append(f"  expert load {layer}: " + " ".join(f"{x:.2f}" for x in load))
+  for key, value in summary.eval_metrics.items():
+    if not key.endswith("num_tokens"):
+      lines.append(f"Eval {key}: {value:.4f}")
+  lines.append(f"Checkpoint: {summary.checkpoint or '(none written)'}")
+  lines.append(f"TensorBoard: tensorboard --logdir {summary.tensorboard_dir}")
+  if summary.metrics_file:
+    lines.append(f"Metrics (JSON lines): {summary.metrics_file}")
+  return "\n".join(lines)
