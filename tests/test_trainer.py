@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import flax
@@ -33,10 +32,6 @@ from moe_jax import trainer
 from moe_jax.checkpoints import orbax_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JIT_CACHE = os.environ.get("MOE_JAX_TEST_JIT_CACHE",
-                           os.path.join(tempfile.gettempdir(), "moe_jax_test_jit_cache"))
-jax.config.update("jax_compilation_cache_dir", JIT_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 SWITCH = "--gin_file=gin/models/switch_tiny.gin"
 DENSE = "--gin_file=gin/models/t5_tiny.gin"
@@ -151,13 +146,11 @@ def test_stop_and_resume_matches_uninterrupted_run(pretrained, tmp_path):
 
 
 def test_sigterm_saves_a_restorable_checkpoint_and_exits_zero(tmp_path):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=JIT_CACHE,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
   proc = subprocess.Popen(
       [sys.executable, "-m", "moe_jax.train", SWITCH, "--gin_file=gin/runs/pretrain.gin",
        *SMALL, f'--gin.MODEL_DIR="{tmp_path}"', "--gin.TRAIN_STEPS=100000",
        "--gin.CHECKPOINT_PERIOD=100000"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = tmp_path / "metrics.jsonl"
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
