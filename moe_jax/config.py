@@ -99,8 +99,11 @@ def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
   """
   search_paths = list(gin_search_paths() if search_paths is None else search_paths)
   gin.clear_config()
-  for path in search_paths:
-    gin.add_config_file_search_path(path)
+  # Search paths go before gin's '' (the working directory): for an include that is not a file
+  # there, gin tries it as a Python package resource, and a working-directory folder named like
+  # the include's first component (./models/, ./runs/) makes that lookup crash.
+  prefixes = gin.config._LOCATION_PREFIXES  # noqa: SLF001 (gin has no public API for the order)
+  prefixes[:] = list(search_paths) + [p for p in prefixes if p not in search_paths]
   try:
     with _quiet_gin_package_lookup():
       files = [resolve_gin_file(f, search_paths) for f in gin_files]

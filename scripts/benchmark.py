@@ -202,7 +202,7 @@ def train_suite(grid: dict, repeats: int) -> list[dict]:
 
 FULL = {"tokens": 4096, "d_model": 512, "d_ff": 2048, "experts": [8, 32, 128],
         "group_sizes": [256, 1024, 4096], "capacity_factors": [1.0, 1.25, 2.0],
-        "strategies": ["einsum", "indices", "dropless"], "repeats": 5,
+        "strategies": ["einsum", "indices", "dropless"], "repeats": 4,
         "dropless_max_experts": 32 if jax.default_backend() == "cpu" else 128,
         "memory_tokens": [2048, 4096, 8192, 16384], "memory_group_size": 1024,
         "memory_fixed_tokens": 8192, "memory_group_sizes": [256, 1024, 4096, 8192],
@@ -307,21 +307,17 @@ def main(argv=None) -> None:
              "environment": {"backend": jax.default_backend(), "device": dev.device_kind,
                              "cpus": os.cpu_count(), "jax": jax.__version__,
                              "machine": platform.machine()}}
-  if "layer" in suites:
-    results["layer"] = layer_suite(grid, grid["repeats"])
-  if "memory" in suites:
-    results["memory"] = memory_suite(grid)
-  if "hf" in suites:
-    results["hf"] = hf_suite(grid, grid["repeats"])
-  if "train" in suites:
-    results["train"] = train_suite(grid, grid["repeats"])
-  table = markdown(results)
-  print(table)
-  if args.out:
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "RESULTS.md").write_text(table)
+  out = pathlib.Path(args.out) if args.out else None
+  runners = {"layer": lambda: layer_suite(grid, grid["repeats"]), "memory": lambda: memory_suite(grid),
+             "hf": lambda: hf_suite(grid, grid["repeats"]), "train": lambda: train_suite(grid, grid["repeats"])}
+  for suite in suites:
+    results[suite] = runners[suite]()
+    if out:  # after every suite, so a long run that fails late keeps what it measured
+      out.mkdir(parents=True, exist_ok=True)
+      (out / "results.json").write_text(json.dumps(results, indent=1))
+      (out / "RESULTS.md").write_text(markdown(results))
+  print(markdown(results))
+  if out:
     plots(results, out)
     print(f"wrote {out}/results.json, RESULTS.md, benchmark.png")
 

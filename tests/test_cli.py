@@ -69,6 +69,18 @@ def test_run_gins_parse_next_to_a_runs_directory(tmp_path, monkeypatch):
                   ['MODEL_DIR="/x"', 'INITIAL_CHECKPOINT_PATH="/y"', "TRAIN_STEPS=9"])
 
 
+def test_includes_work_next_to_a_models_directory_parse_after_parse(tmp_path, monkeypatch):
+  """A user's own ./models/ folder must not shadow the package's `include 'models/...'`, also
+  when gin is parsed again in the same process (notebooks, benchmarks)."""
+  (tmp_path / "models").mkdir()
+  (tmp_path / "mine.gin").write_text("include 'models/switch_tiny.gin'\nNUM_EXPERTS = 4\n")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  for _ in range(2):
+    train.parse_gin(["mine.gin", "runs/pretrain.gin"], [])
+    assert gin.query_parameter("%NUM_EXPERTS") == 4
+
+
 def test_model_dir_defaults_to_model_name():
   train.parse_gin(["gin/models/switch_tiny.gin", "gin/runs/pretrain.gin"], [],
                   default_model_dir=True)
