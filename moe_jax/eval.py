@@ -37,12 +37,8 @@ def evaluate(*, model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
     [EVAL_OUTPUT_DIR]. eval_steps: batches per task (None: the whole split, one process only).
   Returns {'step': s, '<task>/loss': ..., '<task>/accuracy': ..., '<task>/num_tokens': ...}.
   """
-  partitioner = partitioner or partitioning.Partitioner()
-  partitioner.validate(batch_size=batch_size)
-  trainer = trainer_lib.Trainer(
-      model, partitioner, trainer_lib.batch_shapes(task_feature_lengths, batch_size, pack))
-  model_dir, step = orbax_utils.resolve_path(checkpoint_path)
-  params, _ = orbax_utils.restore_params_from_path(checkpoint_path, trainer.abstract_params)
+  trainer, params, model_dir, step = trainer_lib.restore_for_inference(
+      model, partitioner, task_feature_lengths, batch_size, pack, checkpoint_path)
   batches = {task: trainer_lib.eval_batches(
       task, task_feature_lengths=task_feature_lengths, batch_size=batch_size, split=split,
       eval_steps=eval_steps, pack=pack) for task in trainer_lib.task_names(mixture_or_task_name)}

@@ -52,12 +52,8 @@ def infer(*, model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
   partial batch of the split is dropped (as in training). max_decode_length defaults to
   TASK_FEATURE_LENGTHS['targets'].
   """
-  partitioner = partitioner or partitioning.Partitioner()
-  partitioner.validate(batch_size=batch_size)
-  trainer = trainer_lib.Trainer(
-      model, partitioner, trainer_lib.batch_shapes(task_feature_lengths, batch_size, False))
-  model_dir, step = orbax_utils.resolve_path(checkpoint_path)
-  params, _ = orbax_utils.restore_params_from_path(checkpoint_path, trainer.abstract_params)
+  trainer, params, model_dir, step = trainer_lib.restore_for_inference(
+      model, partitioner, task_feature_lengths, batch_size, False, checkpoint_path)
   data_lib = trainer_lib.data_module()
   import seqio  # after data_module: TensorFlow starts only now
   vocabulary = seqio.get_mixture_or_task(mixture_or_task_name).output_features[

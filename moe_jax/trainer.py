@@ -432,6 +432,19 @@ def task_names(mixture_or_task_name: str) -> list[str]:
   return [t.name for t in tasks] if tasks else [mixture_or_task_name]
 
 
+def restore_for_inference(model: Any, partitioner: partitioning.Partitioner | None,
+                          task_feature_lengths: Mapping[str, int], batch_size: int, pack: bool,
+                          checkpoint_path: str) -> tuple["Trainer", PyTree, str, int]:
+  """(trainer, params, model_dir, step) for eval / infer from a checkpoint_<step> directory or a
+  model dir, with the params restored directly into their shardings."""
+  partitioner = partitioner or partitioning.Partitioner()
+  partitioner.validate(batch_size=batch_size)
+  trainer = Trainer(model, partitioner, batch_shapes(task_feature_lengths, batch_size, pack))
+  model_dir, step = orbax_utils.resolve_path(checkpoint_path)
+  params, _ = orbax_utils.restore_params_from_path(checkpoint_path, trainer.abstract_params)
+  return trainer, params, model_dir, step
+
+
 def eval_batches(task: str, *, task_feature_lengths: Mapping[str, int], batch_size: int,
                  split: str = "validation", eval_steps: int | None = 20, pack: bool = True,
                  seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
