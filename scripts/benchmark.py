@@ -259,6 +259,7 @@ def markdown(results: dict) -> str:
 
 def plots(results: dict, out: pathlib.Path) -> None:
   import matplotlib
+  import matplotlib.ticker
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -271,13 +272,16 @@ def plots(results: dict, out: pathlib.Path) -> None:
              if r["dispatch"] == d and r["experts"] == e and r["capacity_factor"] == cf_plot]
       if pts:
         axes[0].plot(*zip(*sorted(pts)), marker=marker, label=f"{d} E={e}")
+  sizes = sorted({r["group_size"] for r in layer})
   for r in layer:
     if r["dispatch"] == "dropless":
       axes[0].axhline(r["ratio"], ls=":", color="gray")
-      axes[0].text(axes[0].get_xlim()[0], r["ratio"], f" dropless E={r['experts']}", fontsize=7)
+      axes[0].text(sizes[0], r["ratio"] * 1.05, f"dropless E={r['experts']} (ragged_dot)", fontsize=7)
   axes[0].axhline(1.0, color="k", lw=0.8)
-  axes[0].set(xscale="log", xlabel="group size S", ylabel="MoE / dense fwd+bwd time",
-              title=f"MoE layer vs dense FFN (cf {cf_plot})")
+  axes[0].set(xscale="log", yscale="log", xlabel="group size S", ylabel="MoE / dense fwd+bwd time",
+              title=f"MoE layer vs dense FFN (top-1, cf {cf_plot})")
+  axes[0].set_xticks(sizes, [str(v) for v in sizes], minor=False)
+  axes[0].xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
   axes[0].legend(fontsize=7)
   for sweep in ("tokens", "group_size"):
     pts = [(r[sweep], r["temp_bytes"] / 2**20) for r in results.get("memory", []) if r["sweep"] == sweep]
