@@ -228,7 +228,8 @@ def test_optimizer_step_with_derived_shardings_matches_unsharded():
   assert new_params["wi"].sharding.spec == P("expert", None, "model")
 
 
-def _bytes_per_device(tree):
+def bytes_per_device(tree):
+  """Largest number of bytes any one device holds of `tree`'s shards."""
   per_device = {}
   for leaf in jax.tree.leaves(tree):
     for shard in leaf.addressable_shards:
@@ -243,9 +244,9 @@ def test_expert_weight_bytes_fall_with_expert_partitions():
     part = make(shape)
     shardings = part.params_shardings(toy_abstract()["params"])
     params = jax.device_put(host, shardings)
-    sizes[shape[1]] = _bytes_per_device({"wi": params["wi"], "wo": params["wo"]})
+    sizes[shape[1]] = bytes_per_device({"wi": params["wi"], "wo": params["wo"]})
     assert partitioning.tree_bytes_per_device(params, shardings, part.mesh_sizes) == \
-        _bytes_per_device(params)
+        bytes_per_device(params)
   full = 2 * 8 * 32 * 64 * 4
   assert sizes == {x: full // x for x in (1, 2, 4, 8)}
 
@@ -447,8 +448,8 @@ def test_planner_matches_real_shards(shape):
   params = jax.device_put(host, part.params_shardings(abstract)["params"])
   state = part.jit(opt.init, out_shardings=part.opt_state_shardings(opt, abstract["params"]))(
       params)
-  assert plan.params == _bytes_per_device(params)
-  assert plan.opt_state == _bytes_per_device(state)
+  assert plan.params == bytes_per_device(params)
+  assert plan.opt_state == bytes_per_device(state)
   # (The expert buffers [e,g,c,m] are checked against the compiled all-to-alls above.)
 
 

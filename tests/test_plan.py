@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from moe_jax import partitioning
+from test_partitioning import bytes_per_device
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("plan", _ROOT / "scripts" / "plan.py")
@@ -148,12 +149,5 @@ def test_switch_tiny_plan_matches_real_shards():
   state = part.jit(opt.init, in_shardings=(shardings,),
                    out_shardings=part.opt_state_shardings(opt, boxed))(params)
 
-  def per_device(tree):
-    total = {}
-    for leaf in jax.tree.leaves(tree):
-      for shard in leaf.addressable_shards:
-        total[shard.device] = total.get(shard.device, 0) + shard.data.nbytes
-    return max(total.values())
-
-  assert p.params == per_device(params)
-  assert p.opt_state == per_device(state)
+  assert p.params == bytes_per_device(params)
+  assert p.opt_state == bytes_per_device(state)
