@@ -15,8 +15,9 @@ Every task's vocabulary is `get_vocabulary()` as configured by gin when the task
 `get_vocabulary.sentencepiece_model_file = '/path/spm.model'` swaps the vocabulary of every
 task. `register_text_files_task` / `register_tfds_task` turn a user's own text into a task.
 
-`get_dataset` feeds the trainer: seqio task -> EncDecFeatureConverter -> per-host batches of
-numpy int32 arrays, deterministic for a seed and resumable from a JSON-able state.
+`get_dataset` feeds the trainer: seqio task -> EncDecFeatureConverter -> this process's rows
+of each global batch as numpy int32 arrays, deterministic for a seed, resumable from a JSON-able
+state, and the same global stream for any number of processes (fixed num_shards).
 """
 from __future__ import annotations
 
@@ -530,7 +531,7 @@ _register_default_tasks()
 
 
 class DatasetIterator(Iterator[dict[str, np.ndarray]]):
-  """Per-host batches (dicts of numpy int32 arrays) with a JSON-able, restorable position.
+  """This process's batches (dicts of numpy int32 arrays) with a JSON-able, restorable position.
 
   The pipeline is deterministic for a seed, so a position is just the number of batches
   consumed: set_state rebuilds the pipeline and skips that many batches (the skipped batches
@@ -553,7 +554,7 @@ class DatasetIterator(Iterator[dict[str, np.ndarray]]):
 
   @property
   def shapes(self) -> dict[str, tuple[int, ...]]:
-    """Per-host batch shape of each feature (e.g. for model initialisation)."""
+    """This process's batch shape of each feature (e.g. for model initialisation)."""
     return {k: tuple(v.shape) for k, v in self._pipeline().element_spec.items()}
 
   def __iter__(self) -> DatasetIterator:
@@ -579,13 +580,17 @@ class DatasetIterator(Iterator[dict[str, np.ndarray]]):
 
 
 def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], split: str,
-                batch_size: int, shuffle: bool = True, seed: int | None = 0, shard_id: int = 0,
-                num_shards: int = 1, pack: bool = True, num_epochs: int | None = None,
+                batch_size: int, shuffle: bool = True, seed: int | None = 0,
+                process_index: int = 0, process_count: int = 1, num_shards: int | None = None,
+                pack: bool = True, num_epochs: int | None = None,
                 use_cached: bool = False) -> DatasetIterator:
-  """Batches of a seqio task or mixture in t5x encoder-decoder features.
+  """This process's rows of the global batches of a seqio task or mixture (t5x features).
 
-  task_feature_lengths: {'inputs': le, 'targets': ld}. batch_size is global; this host gets
-  shard shard_id of num_shards and batches of b = batch_size // num_shards:
+  task_feature_lengths: {'inputs': le, 'targets': ld}. The data is split into num_shards
+  shards (default process_count), each giving batch_size / num_shards rows per batch; process
+  p reads shards [p*k, (p+1)*k), k = num_shards / process_count, and concatenates their rows.
+  The global batch (rows of process 0, then of process 1, ...) is therefore the same for every
+  process_count that divides num_shards. Each process gets b = batch_size / process_count rows:
   encoder_input_tokens [b,le], decoder_input_tokens / decoder_target_tokens /
   decoder_loss_weights [b,ld], and with pack=True encoder/decoder_segment_ids and _positions.
   num_epochs None repeats forever (training); remainders are dropped.
@@ -600,14 +605,19 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
   if missing:
     raise ValueError(f"task_feature_lengths needs {sorted(missing)} lengths, got "
                      f"{dict(task_feature_lengths or {})}")
-  if num_shards < 1 or batch_size % num_shards:
+  num_shards = process_count if num_shards is None else num_shards
+  if num_shards < 1 or num_shards % process_count:
+    raise ValueError(f"num_shards={num_shards} is not a multiple of the process count "
+                     f"{process_count}")
+  if batch_size % num_shards:
     raise ValueError(f"batch_size={batch_size} is not divisible by num_shards={num_shards}")
-  if not 0 <= shard_id < num_shards:
-    raise ValueError(f"shard_id={shard_id} is outside [0, num_shards={num_shards})")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is outside [0, {process_count})")
   lengths = {k: int(task_feature_lengths[k]) for k in ("inputs", "targets")}
-  per_host = batch_size // num_shards
+  per_process = num_shards // process_count
+  shard_ids = range(process_index * per_process, (process_index + 1) * per_process)
 
-  def build(skip_batches: int) -> tf.data.Dataset:
+  def shard(shard_id: int) -> tf.data.Dataset:
     ds = seqio.get_mixture_or_task(mixture_or_task_name).get_dataset(
         sequence_length=lengths, split=split, shuffle=shuffle, seed=seed,
         # Only pass shard_info when sharding: a TFDS source lists its files to shard them.
@@ -617,10 +627,18 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
         # epoch's order for all epochs; the sources here are cheap to read again.
         try_in_mem_cache=False)
     ds = seqio.EncDecFeatureConverter(pack=pack)(ds, lengths)
-    ds = ds.batch(per_host, drop_remainder=True).skip(skip_batches)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.batch(batch_size // num_shards, drop_remainder=True)
 
+  def build(skip_batches: int) -> tf.data.Dataset:
+    if per_process == 1:
+      ds = shard(shard_ids[0])
+    else:  # rows of this process's shards, in shard order
+      ds = tf.data.Dataset.zip(tuple(shard(i) for i in shard_ids)).map(
+          lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
+    return ds.skip(skip_batches).prefetch(tf.data.AUTOTUNE)
+
+  # The position is the same on every process and for every process_count: not part of it.
   config = dict(mixture_or_task_name=mixture_or_task_name, task_feature_lengths=lengths,
-                split=split, batch_size=batch_size, shuffle=shuffle, seed=seed, shard_id=shard_id,
+                split=split, batch_size=batch_size, shuffle=shuffle, seed=seed,
                 num_shards=num_shards, pack=pack, num_epochs=num_epochs, use_cached=use_cached)
   return DatasetIterator(build, config)

@@ -59,8 +59,8 @@ def infer(*, model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
   vocabulary = seqio.get_mixture_or_task(mixture_or_task_name).output_features[
       "targets"].vocabulary
   it = data_lib.get_dataset(mixture_or_task_name, dict(task_feature_lengths), split, batch_size,
-                            shuffle=False, seed=seed, shard_id=jax.process_index(),
-                            num_shards=jax.process_count(), pack=False,
+                            shuffle=False, seed=seed, process_index=jax.process_index(),
+                            process_count=jax.process_count(), pack=False,
                             num_epochs=1 if jax.process_count() == 1 else None)
   if jax.process_count() > 1 and max_batches is None:
     raise ValueError("several processes need infer.max_batches (shards may differ in length)")

@@ -447,19 +447,20 @@ def restore_for_inference(model: Any, partitioner: partitioning.Partitioner | No
 
 def eval_batches(task: str, *, task_feature_lengths: Mapping[str, int], batch_size: int,
                  split: str = "validation", eval_steps: int | None = 20, pack: bool = True,
-                 seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                 seed: int = 0,
+                 num_shards: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """This process's batches of one task for eval: the first eval_steps (None: one pass).
 
   Several processes repeat the data, so that each runs exactly eval_steps batches and none
-  waits on a shard that ran out.
+  waits on a shard that ran out. num_shards: as in data.get_dataset (default process count).
   """
   if eval_steps is None and jax.process_count() > 1:
     raise ValueError("eval_steps=None (a full pass) needs one process: shards of unequal length "
                      "would leave processes waiting on each other; set eval_steps")
   it = data_module().get_dataset(task, dict(task_feature_lengths), split, batch_size,
-                                 shuffle=False, seed=seed, shard_id=jax.process_index(),
-                                 num_shards=jax.process_count(), pack=pack,
-                                 num_epochs=1 if jax.process_count() == 1 else None)
+                                 shuffle=False, seed=seed, process_index=jax.process_index(),
+                                 process_count=jax.process_count(), num_shards=num_shards,
+                                 pack=pack, num_epochs=1 if jax.process_count() == 1 else None)
   return itertools.islice(it, eval_steps)
 
 
@@ -486,15 +487,6 @@ def evaluate_tasks(trainer: Trainer, params: PyTree,
   return out
 
 
-def _this_process(data_state: Mapping[str, Any]) -> dict[str, Any]:
-  """The saved (process 0) data position for this process's shard.
-
-  Every process consumes the same number of batches of its own shard, so process 0's position
-  with this process's shard_id is this process's position.
-  """
-  return dict(data_state, shard_id=jax.process_index(), num_shards=jax.process_count())
-
-
 def _restore_or_init(trainer: Trainer, manager, it, *, seed: int,
                      initial_checkpoint_path: str | None, initial_checkpoint_mode: str,
                      restore_dataset: bool, model_dir: str) -> tuple[TrainState, str | None]:
@@ -505,7 +497,7 @@ def _restore_or_init(trainer: Trainer, manager, it, *, seed: int,
         manager, step, abstract_params=trainer.abstract_params,
         abstract_train_state=trainer.abstract_train_state(), with_data=True)
     if data_state:
-      it.set_state(_this_process(data_state))
+      it.set_state(data_state)
     return TrainState(step=ts["step"], params=params, opt_state=ts["opt_state"],
                       rng=ts["rng"]), orbax_utils.step_dir(model_dir, step)
   if not initial_checkpoint_path:
@@ -539,7 +531,7 @@ def _restore_or_init(trainer: Trainer, manager, it, *, seed: int,
     state = trainer.state_from_params(params, ckpt_step, seed)
   reader.close()
   if restore_dataset and data_state:
-    it.set_state(_this_process(data_state))
+    it.set_state(data_state)
   return state, source
 
 
@@ -549,7 +541,8 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
           task_feature_lengths: Mapping[str, int] = gin.REQUIRED, batch_size: int = gin.REQUIRED,
           optimizer: Callable[[], optax.GradientTransformation] = adafactor,
           learning_rate_fn: Schedule | None = None,
-          partitioner: partitioning.Partitioner | None = None, num_microbatches: int = 1,
+          partitioner: partitioning.Partitioner | None = None,
+          num_data_shards: int | None = None, num_microbatches: int = 1,
           grad_clip_norm: float | None = None, random_seed: int = 0, shuffle: bool = True,
           pack: bool = True, checkpoint_period: int = 1000, keep_checkpoints: int | None = None,
           checkpoint_params_dtype: str | None = None,
@@ -566,6 +559,10 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
     total_steps: the final global step, counting restored steps (t5x) [TRAIN_STEPS].
     mixture_or_task_name, task_feature_lengths: seqio task and {'inputs': le, 'targets': ld}.
     batch_size: global batch; each process reads batch_size / process_count rows [BATCH_SIZE].
+    num_data_shards: shards of the data (default: the process count); each process reads
+      num_data_shards / process_count of them. Fix it to keep the same global batches, and a
+      resumable data position, across runs with different numbers of processes
+      [NUM_DATA_SHARDS].
     optimizer: factory of the update direction (adafactor, adamw) [OPTIMIZER].
     learning_rate_fn: step -> learning rate (default rsqrt_schedule()).
     partitioner: partitioning.Partitioner (default: all devices on 'data').
@@ -593,7 +590,7 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
 
 def _train(preemption: _Preemption, *, model, model_dir, total_steps, mixture_or_task_name,
            task_feature_lengths, batch_size, optimizer, learning_rate_fn, partitioner,
-           num_microbatches, grad_clip_norm, random_seed, shuffle, pack, checkpoint_period,
+           num_data_shards, num_microbatches, grad_clip_norm, random_seed, shuffle, pack, checkpoint_period,
            keep_checkpoints, checkpoint_params_dtype, initial_checkpoint_path,
            initial_checkpoint_mode, restore_dataset, stats_period, eval_period, eval_steps,
            eval_split, use_tqdm, write_jsonl) -> TrainSummary:
@@ -609,13 +606,14 @@ def _train(preemption: _Preemption, *, model, model_dir, total_steps, mixture_or
   jsonl = (os.path.join(model_dir, "metrics.jsonl")
            if write_jsonl and "://" not in model_dir else None)
 
+  it = data_module().get_dataset(mixture_or_task_name, dict(task_feature_lengths), "train",
+                                 batch_size, shuffle=shuffle, seed=random_seed,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count(), num_shards=num_data_shards,
+                                 pack=pack)
   trainer = Trainer(model, partitioner, batch_shapes(task_feature_lengths, batch_size, pack),
                     optimizer(), num_microbatches=num_microbatches,
                     grad_clip_norm=grad_clip_norm)
-  it = data_module().get_dataset(mixture_or_task_name, dict(task_feature_lengths), "train",
-                            batch_size, shuffle=shuffle, seed=random_seed,
-                            shard_id=jax.process_index(), num_shards=jax.process_count(),
-                            pack=pack)
   params_dtype = jnp.dtype(checkpoint_params_dtype) if checkpoint_params_dtype else None
   if initial_checkpoint_mode not in ("full", "params", "upcycle"):
     raise ValueError(f"initial_checkpoint_mode={initial_checkpoint_mode!r}: expected 'full', "
@@ -696,7 +694,8 @@ def _train(preemption: _Preemption, *, model, model_dir, total_steps, mixture_or
         if not eval_data:  # read once, reused by every eval
           eval_data.update({task: list(eval_batches(
               task, task_feature_lengths=task_feature_lengths, batch_size=batch_size,
-              split=eval_split, eval_steps=eval_steps, pack=pack, seed=random_seed))
+              split=eval_split, eval_steps=eval_steps, pack=pack, seed=random_seed,
+              num_shards=num_data_shards))
               for task in eval_tasks})
         eval_metrics = evaluate_tasks(trainer, state.params, eval_data)
         eval_logger.write(step, eval_metrics)

@@ -219,7 +219,7 @@ def test_shards_see_disjoint_documents():
   lengths = {"inputs": 32, "targets": 32}
   for shard in range(2):
     it = data.get_dataset("pydocs_prefix_lm", lengths, "validation", batch_size=4, shuffle=False,
-                          shard_id=shard, num_shards=2, pack=False, num_epochs=1)
+                          process_index=shard, process_count=2, pack=False, num_epochs=1)
     got = []
     for batch in it:
       assert batch["encoder_input_tokens"].shape == (2, 32)
@@ -236,6 +236,32 @@ def test_shards_see_disjoint_documents():
     assert not set(shard0) & set(shard1)
     assert sorted(shard0 + shard1) == sorted(docs)
   assert epochs[0][0] != epochs[0][1]  # a new order each epoch
+
+
+def test_global_batches_do_not_depend_on_the_process_count():
+  """With num_shards fixed, the processes' rows (in process order) make the same global batches
+  for 1, 2 or 4 processes: each shard read alone, concatenated in shard order."""
+  args = (data.DEFAULT_TASK, LENGTHS, "train", 8)
+  shards = [_take(data.get_dataset(*args, seed=2, process_index=i, process_count=4), 3)
+            for i in range(4)]
+  for count in (1, 2):
+    its = [data.get_dataset(*args, seed=2, process_index=p, process_count=count, num_shards=4)
+           for p in range(count)]
+    state = its[0].get_state()
+    assert "process_index" not in state and "process_count" not in state
+    batches = [_take(it, 3) for it in its]
+    for step in range(3):
+      for k in shards[0][step]:
+        want = np.concatenate([shard[step][k] for shard in shards])
+        got = np.concatenate([b[step][k] for b in batches])
+        assert got.shape == (8,) + shards[0][step][k].shape[1:]
+        np.testing.assert_array_equal(got, want)
+  # A position saved by 2 processes resumes on 1 process (same num_shards).
+  resumed = data.get_dataset(*args, seed=2, num_shards=4)
+  resumed.set_state(dict(state, batches_consumed=2))
+  after = next(resumed)
+  for k in after:
+    np.testing.assert_array_equal(after[k], np.concatenate([shard[2][k] for shard in shards]))
 
 
 def _source_epochs(ds, num_epochs):
@@ -300,6 +326,8 @@ def test_errors_name_the_setting():
     data.get_dataset("nope", LENGTHS, "train", 4)
   with pytest.raises(ValueError, match="batch_size=6 is not divisible by num_shards=4"):
     data.get_dataset(data.DEFAULT_TASK, LENGTHS, "train", 6, num_shards=4)
+  with pytest.raises(ValueError, match="num_shards=3 is not a multiple of the process count 2"):
+    data.get_dataset(data.DEFAULT_TASK, LENGTHS, "train", 6, process_count=2, num_shards=3)
   with pytest.raises(ValueError, match=r"task_feature_lengths needs \['targets'\]"):
     data.get_dataset(data.DEFAULT_TASK, {"inputs": 32}, "train", 4)
   with pytest.raises(ValueError, match="extra_ids=100 sentinels"):
