@@ -1,9 +1,10 @@
 """Real multi-process JAX on one machine: a launcher and worker tasks.
 
-`launch(command, ...)` starts `num_processes` copies of a command (any Python entry point that
-calls `partitioning.initialize_multihost()` first, e.g. this file or `python -m moe_jax.train`),
-each with its own simulated CPU devices, wired together through $MOE_JAX_COORDINATOR,
-$MOE_JAX_NUM_PROCESSES and $MOE_JAX_PROCESS_ID on 127.0.0.1 and gloo collectives.
+`launch(command, ...)` runs `num_processes` copies of a command (any Python entry point that
+calls `partitioning.initialize_multihost()` first, e.g. this file or `python -m moe_jax.train`)
+to the end; `start` returns them running, to be signalled. Each has its own simulated CPU
+devices; they are wired together through $MOE_JAX_COORDINATOR, $MOE_JAX_NUM_PROCESSES and
+$MOE_JAX_PROCESS_ID on 127.0.0.1 and gloo collectives.
 
 Worker tasks: `python tests/multihost_worker.py moe_sgd --steps 3` prints one JSON line
 {"process": i, "losses": [...]}; `moe_sgd_losses` runs the same training in the calling process.
@@ -28,14 +29,53 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(command: Sequence[str], *, num_processes: int = 2, devices_per_process: int = 4,
-           timeout: float = 300, env: dict[str, str] | None = None,
-           cwd: str | None = None) -> list[str]:
-  """Run `command` as `num_processes` cooperating JAX processes; returns their stdouts.
+class Processes:
+  """Cooperating JAX processes started by `start`; their output goes to temporary files."""
 
-  Raises RuntimeError with every process's stderr tail if one fails or times out (the others
-  are then stopped).
-  """
+  def __init__(self, command: Sequence[str], procs: list[subprocess.Popen], logs: list):
+    self.command = list(command)
+    self.procs = procs
+    self._logs = logs
+
+  def send_signal(self, signum: int) -> None:
+    for p in self.procs:
+      if p.poll() is None:
+        p.send_signal(signum)
+
+  def running(self) -> bool:
+    return all(p.poll() is None for p in self.procs)
+
+  def wait(self, timeout: float) -> list[str]:
+    """Their stdouts once all exit. Raises RuntimeError with every process's stderr tail if one
+    fails or the timeout passes (the others are then stopped)."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in self.procs):
+      failed = (any(p.poll() not in (None, 0) for p in self.procs)
+                or time.monotonic() > deadline)
+      if failed:  # alone, the others would wait for their peers until the coordinator gives up
+        for p in self.procs:
+          if p.poll() is None:
+            p.kill()
+            p.wait()
+      time.sleep(0.2)
+    failed = any(p.returncode != 0 for p in self.procs)
+    texts = []
+    for out, err in self._logs:
+      out.seek(0)
+      err.seek(0)
+      texts.append((out.read(), err.read()))
+      out.close()
+      err.close()
+    if failed:
+      report = "\n".join(f"--- process {i} rc={p.returncode}\n{err[-3000:]}"
+                         for i, (p, (_, err)) in enumerate(zip(self.procs, texts)))
+      raise RuntimeError(f"multi-process run of {self.command} failed:\n{report}")
+    return [out for out, _ in texts]
+
+
+def start(command: Sequence[str], *, num_processes: int = 2, devices_per_process: int = 4,
+          env: dict[str, str] | None = None, cwd: str | None = None) -> Processes:
+  """Start `command` as `num_processes` cooperating JAX processes."""
   port = free_port()
   procs, logs = [], []
   for i in range(num_processes):
@@ -53,28 +93,16 @@ def launch(command: Sequence[str], *, num_processes: int = 2, devices_per_proces
     logs.append((out, err))
     procs.append(subprocess.Popen(list(command), env=child, cwd=cwd, text=True,
                                   stdout=out, stderr=err))
-  deadline = time.monotonic() + timeout
-  while any(p.poll() is None for p in procs):
-    failed = any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline
-    if failed:  # alone, the others would wait for their peers until the coordinator gives up
-      for p in procs:
-        if p.poll() is None:
-          p.kill()
-          p.wait()
-    time.sleep(0.2)
-  failed = any(p.returncode != 0 for p in procs)
-  texts = []
-  for out, err in logs:
-    out.seek(0)
-    err.seek(0)
-    texts.append((out.read(), err.read()))
-    out.close()
-    err.close()
-  if failed:
-    report = "\n".join(f"--- process {i} rc={p.returncode}\n{err[-3000:]}"
-                       for i, (p, (_, err)) in enumerate(zip(procs, texts)))
-    raise RuntimeError(f"multi-process run of {list(command)} failed:\n{report}")
-  return [out for out, _ in texts]
+  return Processes(command, procs, logs)
+
+
+def launch(command: Sequence[str], *, num_processes: int = 2, devices_per_process: int = 4,
+           timeout: float = 300, env: dict[str, str] | None = None,
+           cwd: str | None = None) -> list[str]:
+  """Run `command` as `num_processes` cooperating JAX processes; returns their stdouts (see
+  Processes.wait)."""
+  return start(command, num_processes=num_processes, devices_per_process=devices_per_process,
+               env=env, cwd=cwd).wait(timeout)
 
 
 def moe_sgd_losses(steps: int = 3, mesh_shape: tuple[int, int, int] = (2, 4, 1)) -> list[float]:
