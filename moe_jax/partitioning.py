@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -137,20 +138,25 @@ def _path_names(path: Sequence[Any]) -> tuple[str, ...]:
 def _derived_spec(param_shape: tuple[int, ...], param_spec: P, leaf_shape: tuple[int, ...]) -> P:
   """Spec of an optimizer-state leaf that belongs to a param.
 
-  Same shape: the param's spec. One dimension fewer (Adafactor's factored v_row / v_col): the
-  param's spec without the reduced dimension. Which dimension was reduced is read off the
-  shapes; when several give the same shape (a run of equal sizes), they are all of the same
-  size, so any of their mesh axes divides it: keep the candidate that stays most sharded.
+  Same shape: the param's spec. Fewer dimensions (Adafactor's factored v_row / v_col: an expert
+  weight [e,m,h] keeps [e,m] and [e,h], an attention kernel [m,h,d] keeps [m] and [h,d]): the
+  param's spec without the reduced dimensions. Which dimensions were reduced is read off the
+  shapes; when several choices give the same shape (runs of equal sizes), any of their mesh
+  axes divides it: keep the choice that stays most sharded.
   Anything else (counts, placeholders of shape [1]) is replicated.
   """
   entries = _spec_entries(param_spec, len(param_shape))
   if leaf_shape == param_shape:
     return P(*entries)
-  if len(leaf_shape) == len(param_shape) - 1:
-    candidates = [entries[:i] + entries[i + 1:] for i in range(len(param_shape))
-                  if param_shape[:i] + param_shape[i + 1:] == leaf_shape]
-    if candidates:
-      return P(*max(candidates, key=lambda c: sum(e is not None for e in c)))
+  dropped = len(param_shape) - len(leaf_shape)
+  candidates = []
+  if dropped > 0:
+    for gone in itertools.combinations(range(len(param_shape)), dropped):
+      kept = [i for i in range(len(param_shape)) if i not in gone]
+      if tuple(param_shape[i] for i in kept) == leaf_shape:
+        candidates.append([entries[i] for i in kept])
+  if candidates:
+    return P(*max(candidates, key=lambda c: sum(e is not None for e in c)))
   return P()
 
 

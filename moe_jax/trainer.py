@@ -6,8 +6,8 @@
   explicit shardings) -> metrics (TensorBoard via clu, MODEL_DIR/metrics.jsonl, tqdm)
   -> orbax checkpoints every CHECKPOINT_PERIOD steps, the last step and on SIGTERM.
 
-The optimizer factories (`adafactor`, `adamw`) return the update direction for a learning
-rate of 1; the train step multiplies it by `learning_rate_fn(step)`, evaluated on the host and
+The optimizer factories (`adafactor`, `adamw`) take the params' logical axis names and return
+the update direction for a learning rate of 1; the train step multiplies it by `learning_rate_fn(step)`, evaluated on the host and
 passed in. So the schedule follows the global step even when the optimizer state starts fresh
 (finetuning, sparse upcycling), the logged learning rate is the one applied, and a new schedule
 does not change the compiled step.
@@ -33,11 +33,14 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moe_jax import adafactor as adafactor_lib
 from moe_jax import partitioning
 from moe_jax.checkpoints import orbax_utils
 
 Array = jax.Array
 PyTree = Any
+# Logical axis names of the params (PartitionSpecs) -> the update direction for learning rate 1.
+OptimizerFactory = Callable[[PyTree], optax.GradientTransformation]
 Schedule = Callable[[Array], Array]
 
 # ---- learning-rate schedules and optimizers -------------------------------------------------
@@ -67,28 +70,35 @@ def constant_schedule(learning_rate: float = 1e-3) -> Schedule:
 
 
 @gin.configurable
-def adafactor(decay_rate: float = 0.8, factored: bool = True,
+def adafactor(param_axes: PyTree, decay_rate: float = 0.8, factored: bool = True,
               multiply_by_parameter_scale: bool = True, clipping_threshold: float | None = 1.0,
               min_dim_size_to_factor: int = 128, momentum: float | None = None,
-              weight_decay_rate: float | None = None, epsilon: float = 1e-30
-              ) -> optax.GradientTransformation:
-  """Adafactor with the T5 defaults: factored second moments, decay_rate 0.8, updates clipped
-  to RMS 1.0 and scaled by the parameter's RMS (at least 1e-3), no momentum.
+              weight_decay_rate: float | None = None, epsilon: float = 1e-30,
+              factor_rules: Mapping[str, str] | None = None) -> optax.GradientTransformation:
+  """Adafactor with the T5 defaults (decay_rate 0.8, updates clipped to RMS 1.0 and scaled by
+  the parameter's RMS, at least 1e-3, no momentum), factored by t5x's logical factor rules: see
+  moe_jax/adafactor.py (each expert of a stacked weight has its own statistics).
 
-  This is optax.adafactor without its learning rate, which the train step applies last: with
-  momentum or weight_decay_rate set, those terms are scaled by the learning rate as well.
+  param_axes: logical axis names of the params (the Trainer passes them). With momentum or
+  weight_decay_rate set, those terms are scaled by the learning rate as well (optax.adafactor).
   """
-  return optax.adafactor(
-      learning_rate=None, decay_rate=decay_rate, factored=factored,
-      multiply_by_parameter_scale=multiply_by_parameter_scale,
-      clipping_threshold=clipping_threshold, min_dim_size_to_factor=min_dim_size_to_factor,
-      momentum=momentum, weight_decay_rate=weight_decay_rate, eps=epsilon)
+  tx = [adafactor_lib.scale_by_adafactor(
+      param_axes, rules=adafactor_lib.FACTOR_RULES if factor_rules is None else factor_rules,
+      decay_rate=decay_rate, factored=factored, min_dim_size_to_factor=min_dim_size_to_factor,
+      epsilon=epsilon, clipping_threshold=clipping_threshold,
+      multiply_by_parameter_scale=multiply_by_parameter_scale)]
+  if momentum is not None:
+    tx.append(optax.ema(momentum, debias=False))
+  if weight_decay_rate is not None:
+    tx.append(optax.add_decayed_weights(weight_decay_rate))
+  return optax.chain(*tx, optax.scale(-1.0))
 
 
 @gin.configurable
-def adamw(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+def adamw(param_axes: PyTree, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
           weight_decay: float = 1e-4) -> optax.GradientTransformation:
   """AdamW (decoupled weight decay, scaled by the learning rate like optax.adamw)."""
+  del param_axes  # the same rule for every param
   return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
                      optax.add_decayed_weights(weight_decay), optax.scale(-1.0))
 
@@ -143,15 +153,15 @@ class Trainer:
 
   model: models.EncoderDecoderModel (loss_fn, eval_fn, predict_batch, get_initial_variables).
   input_shapes: global batch shapes of the model features (see batch_shapes).
-  optimizer: update direction for learning rate 1 (adafactor(), adamw(), any optax chain);
-    only needed for train_step.
+  optimizer: param_axes -> update direction for learning rate 1 (adafactor, adamw, or a
+    function returning any optax chain); only needed for train_step.
   num_microbatches: the global batch is split into this many slices whose gradients are
     accumulated (token-weighted, see `_microbatch_grads`) before one optimizer update.
   """
 
   def __init__(self, model: Any, partitioner: partitioning.Partitioner,
                input_shapes: Mapping[str, tuple[int, ...]],
-               optimizer: optax.GradientTransformation | None = None, *,
+               optimizer: OptimizerFactory | None = None, *,
                num_microbatches: int = 1,
                grad_clip_norm: float | None = None):
     self.model, self.partitioner = model, partitioner
@@ -160,13 +170,13 @@ class Trainer:
     if self.num_microbatches < 1 or batch_size % self.num_microbatches:
       raise ValueError(f"num_microbatches={num_microbatches} must divide the batch size "
                        f"{batch_size}")
-    # Eval and inference build a Trainer without an optimizer (no train_step then).
-    optimizer = optimizer or optax.identity()
-    self.optimizer = (optax.chain(optax.clip_by_global_norm(grad_clip_norm), optimizer)
-                      if grad_clip_norm else optimizer)
     self.input_shapes = dict(input_shapes)
     boxed = jax.eval_shape(lambda r: model.get_initial_variables(r, self.input_shapes),
                            jax.random.PRNGKey(0))
+    # Eval and inference build a Trainer without an optimizer (no train_step then).
+    tx = optimizer(nn.get_partition_spec(boxed)["params"]) if optimizer else optax.identity()
+    self.optimizer = (optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
+                      if grad_clip_norm else tx)
     self.params_shardings = partitioner.params_shardings(boxed)["params"]
     self.abstract_params = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -539,7 +549,7 @@ def _restore_or_init(trainer: Trainer, manager, it, *, seed: int,
 def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
           total_steps: int = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
           task_feature_lengths: Mapping[str, int] = gin.REQUIRED, batch_size: int = gin.REQUIRED,
-          optimizer: Callable[[], optax.GradientTransformation] = adafactor,
+          optimizer: OptimizerFactory = adafactor,
           learning_rate_fn: Schedule | None = None,
           partitioner: partitioning.Partitioner | None = None,
           num_data_shards: int | None = None, num_microbatches: int = 1,
@@ -612,7 +622,7 @@ def _train(preemption: _Preemption, *, model, model_dir, total_steps, mixture_or
                                  process_count=jax.process_count(), num_shards=num_data_shards,
                                  pack=pack)
   trainer = Trainer(model, partitioner, batch_shapes(task_feature_lengths, batch_size, pack),
-                    optimizer(), num_microbatches=num_microbatches,
+                    optimizer, num_microbatches=num_microbatches,
                     grad_clip_norm=grad_clip_norm)
   params_dtype = jnp.dtype(checkpoint_params_dtype) if checkpoint_params_dtype else None
   if initial_checkpoint_mode not in ("full", "params", "upcycle"):

@@ -168,7 +168,7 @@ def train_suite(grid: dict, repeats: int) -> list[dict]:
   import gin
   import optax
 
-  from moe_jax import config
+  from moe_jax import config, trainer
 
   batch, lengths = grid["train_batch"], grid["train_lengths"]
   steps = {}
@@ -177,14 +177,15 @@ def train_suite(grid: dict, repeats: int) -> list[dict]:
     # compile while this model's config is in force.
     model = config.build_model([f"models/{name}.gin"])
     shapes = {"encoder_input_tokens": (batch, lengths[0]), "decoder_input_tokens": (batch, lengths[1])}
-    params = nn.unbox(model.get_initial_variables(jax.random.key(0), shapes)["params"])
+    boxed = model.get_initial_variables(jax.random.key(0), shapes)["params"]
+    params = nn.unbox(boxed)
     rng = np.random.default_rng(0)
     data = {"encoder_input_tokens": rng.integers(2, 500, shapes["encoder_input_tokens"]),
             "decoder_input_tokens": rng.integers(2, 500, shapes["decoder_input_tokens"]),
             "decoder_target_tokens": rng.integers(2, 500, shapes["decoder_input_tokens"]),
             "decoder_loss_weights": np.ones(shapes["decoder_input_tokens"])}
     data = {k: jnp.asarray(v, jnp.float32 if "weights" in k else jnp.int32) for k, v in data.items()}
-    opt = optax.adafactor(1e-3)
+    opt = optax.chain(trainer.adafactor(nn.get_partition_spec(boxed)), optax.scale(1e-3))
     state = (params, opt.init(params))
 
     def step(state, batch, model=model, opt=opt):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import gin
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moe_jax import config, partitioning
+from moe_jax import config, partitioning, trainer
 
 
 @gin.configurable
@@ -30,13 +30,12 @@ def planned_model(model=gin.REQUIRED):
   return model
 
 
-def optimizer_for(name: str) -> optax.GradientTransformation:
-  """The trainer's optimizers, as far as their state goes (the learning rate has none)."""
-  if name == "adafactor":  # T5 / trainer.adafactor defaults: factored above 128
-    return optax.adafactor(learning_rate=None, min_dim_size_to_factor=128)
-  if name == "adamw":
-    return optax.adamw(1e-3)
-  raise ValueError(f"--optimizer={name!r}: expected adafactor or adamw")
+def optimizer_for(name: str, boxed_params: Any) -> optax.GradientTransformation:
+  """The trainer's optimizer `name` (defaults) for the boxed (logically named) params."""
+  factories = {"adafactor": trainer.adafactor, "adamw": trainer.adamw}
+  if name not in factories:
+    raise ValueError(f"--optimizer={name!r}: expected adafactor or adamw")
+  return factories[name](nn.get_partition_spec(boxed_params))
 
 
 def build_plan(gin_files: Sequence[str], mesh: str, *, batch_size: int, inputs_length: int,
@@ -67,7 +66,7 @@ def build_plan(gin_files: Sequence[str], mesh: str, *, batch_size: int, inputs_l
   for layer in layers:
     part.validate(num_experts=layer.num_experts, num_groups=layer.num_groups)
   hbm = None if hbm_gib is None else int(hbm_gib * 2**30)
-  return partitioning.plan_memory(part, params, optimizer_for(optimizer), layers, hbm)
+  return partitioning.plan_memory(part, params, optimizer_for(optimizer, params), layers, hbm)
 
 
 def main(argv: Sequence[str] | None = None) -> partitioning.MemoryPlan:

@@ -145,7 +145,7 @@ def test_switch_tiny_plan_matches_real_shards():
   shardings = part.params_shardings(boxed)
   params = jax.tree.map(lambda x, s: jax.device_put(np.zeros(x.shape, x.dtype), s),
                         nn.unbox(boxed), shardings)
-  opt = plan.optimizer_for("adafactor")
+  opt = plan.optimizer_for("adafactor", boxed)
   state = part.jit(opt.init, in_shardings=(shardings,),
                    out_shardings=part.opt_state_shardings(opt, boxed))(params)
 

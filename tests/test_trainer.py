@@ -21,6 +21,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from moe_jax import config
 from moe_jax import data
@@ -167,7 +168,7 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_zero(tmp_path):
   # Restorable: the train state and data position load into a trainer's abstract state.
   model = config.build_model(["gin/models/switch_tiny.gin"])
   t = trainer.Trainer(model, partitioning.Partitioner(),
-                      trainer.batch_shapes(LENGTHS, 8, True), trainer.adafactor())
+                      trainer.batch_shapes(LENGTHS, 8, True), trainer.adafactor)
   manager = orbax_utils.make_manager(str(tmp_path))
   params, train_state, data_state = orbax_utils.restore(
       manager, steps[0], abstract_params=t.abstract_params,
@@ -276,7 +277,7 @@ def test_eval_and_infer_from_a_checkpoint(pretrained, tmp_path):
 def _tiny_trainer(bindings, num_microbatches=1):
   model = config.build_model(["gin/models/switch_tiny.gin"], bindings)
   return trainer.Trainer(model, partitioning.Partitioner(),
-                         trainer.batch_shapes(LENGTHS, 8, True), trainer.adafactor(),
+                         trainer.batch_shapes(LENGTHS, 8, True), trainer.adafactor,
                          num_microbatches=num_microbatches)
 
 
@@ -343,8 +344,10 @@ def test_rsqrt_schedule_and_optimizers_match_references():
   rng = np.random.default_rng(0)
   params = {"w": jnp.asarray(rng.normal(size=(300, 200)), jnp.float32),  # factored
             "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32)}
-  for ours, reference in ((trainer.adafactor(), optax.adafactor(learning_rate=0.01)),
-                          (trainer.adamw(), optax.adamw(0.01, weight_decay=1e-4))):
+  # Rank <= 2 without an 'expert' axis: the classic rule, i.e. optax's Adafactor.
+  axes = {"w": P("embed", "mlp"), "b": P("embed")}
+  for ours, reference in ((trainer.adafactor(axes), optax.adafactor(learning_rate=0.01)),
+                          (trainer.adamw(axes), optax.adamw(0.01, weight_decay=1e-4))):
     state, ref_state = ours.init(params), reference.init(params)
     for i in range(3):
       grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
