@@ -6,7 +6,8 @@
 - `indices`: the same capacity and dropping, but tokens are scattered into the [e, g·c, m]
   expert buffers by (expert, slot) index and gathered back: no O(S·E·C) mask.
 - `dropless`: tokens sorted by expert and run with grouped matmuls (jax.lax.ragged_dot), no
-  capacity and no dropping (MegaBlocks / MaxText style).
+  capacity and no dropping (MegaBlocks / MaxText style). Under a mesh it runs per device with
+  shard_map, experts sharded over 'expert' and their hidden units over 'model'.
 
 Every strategy takes tokens x [g,s,m] and returns the combined expert outputs [g,s,m]; a token
 no expert kept gets exactly 0 (it continues through the residual).
@@ -14,11 +15,13 @@ no expert kept gets exactly 0 (it continues through the residual).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from moe_jax.routing import RouterOutput
 
@@ -34,11 +37,20 @@ HIDDEN_AXES = ("expert", "expert_replicas", "unmodeled", "expert_mlp")
 @dataclasses.dataclass(frozen=True)
 class Experts:
   """Stacked expert FFN weights: wi a list of [e,m,h] (one per activation; gated when two),
-  wo [e,h,m], all already in the compute dtype. `dropout` acts on hidden activations."""
+  wo [e,h,m], all already in the compute dtype. Dropout at dropout_rate acts on the hidden
+  activations when dropout_rng is given (training)."""
   wi: Sequence[Array]
   wo: Array
   activations: Sequence[Callable[[Array], Array]]
-  dropout: Callable[[Array], Array]
+  dropout_rate: float = 0.0
+  dropout_rng: Array | None = None
+
+  def dropout(self, h: Array) -> Array:
+    if self.dropout_rng is None or self.dropout_rate == 0.0:
+      return h
+    keep = 1.0 - self.dropout_rate
+    mask = jax.random.bernoulli(self.dropout_rng, keep, h.shape)
+    return jnp.where(mask, h / keep, 0.0).astype(h.dtype)
 
   def dense(self, x: Array) -> Array:
     """Expert buffers x [e,g,c,m] -> [e,g,c,m]."""
@@ -100,16 +112,82 @@ def indices_dispatch(x: Array, decision: RouterOutput, experts: Experts, capacit
 
 def dropless_dispatch(x: Array, decision: RouterOutput, experts: Experts, capacity: int) -> Array:
   del capacity  # the layer routes with C = S, so every active assignment is kept
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    y = _grouped_ffn(x, decision.expert_index, decision.kept, decision.gate, experts)
+  else:
+    y = _dropless_sharded(x, decision, experts)
+  return nn.with_logical_constraint(y, GROUP_AXES)
+
+
+def _grouped_ffn(x: Array, expert_index: Array, kept: Array, gate: Array,
+                 experts: Experts) -> Array:
+  """x [g,s,m]; expert_index / kept / gate [g,s,k] -> [g,s,m]: every kept assignment through
+  its expert (an index into experts' weights), sorted by expert, with grouped matmuls."""
   g, s, m = x.shape
-  k = decision.expert_index.shape[-1]
+  k = expert_index.shape[-1]
   num_experts = experts.wo.shape[0]
-  expert = jnp.where(decision.kept, decision.expert_index, num_experts).reshape(-1)  # [n]
+  expert = jnp.where(kept, expert_index, num_experts).reshape(-1)  # [n]
   order = jnp.argsort(expert, stable=True)  # kept rows grouped by expert, the rest last
   rows = experts.ragged(x.reshape(g * s, m)[order // k],
                         jnp.bincount(expert, length=num_experts).astype(jnp.int32))
-  rows = rows * decision.gate.reshape(-1)[order][:, None].astype(x.dtype)
-  y = jnp.zeros((g * s, m), x.dtype).at[order // k].add(rows)
-  return nn.with_logical_constraint(y.reshape(g, s, m), GROUP_AXES)
+  rows = rows * gate.reshape(-1)[order][:, None].astype(x.dtype)
+  return jnp.zeros((g * s, m), x.dtype).at[order // k].add(rows).reshape(g, s, m)
+
+
+def _mesh_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _dropless_sharded(x: Array, decision: RouterOutput, experts: Experts) -> Array:
+  """Dropless under a mesh, per device with jax.shard_map (ragged_dot has no SPMD rule that
+  keeps experts sharded). Each device holds groups (over the batch axes) and experts (over the
+  expert axes): it all-gathers the tokens of its expert-axis peers, runs those assigned to its
+  own experts, and a reduce-scatter returns every token's sum to its owner. The token traffic
+  is all-gather + reduce-scatter of [g,s,m], where the capacity-bounded strategies move
+  cf·k/E of it each way by all-to-all."""
+  batch, expert_axes, mlp = (nn.logical_to_mesh_axes((name,))[0]
+                             for name in ("batch", "expert", "expert_mlp"))
+  batch_axes, expert_axes, mlp_axes = map(_mesh_axes, (batch, expert_axes, mlp))
+  sizes = dict(jax.sharding.get_abstract_mesh().shape)
+  parts = math.prod(sizes[a] for a in batch_axes)
+  g = x.shape[0]
+  if g % parts:
+    raise ValueError(f"dispatch='dropless' on this mesh needs the MoE groups ({g}) to be a "
+                     f"multiple of the {parts} batch partitions {batch_axes}; set the layer's "
+                     "num_groups or group_size")
+  gathered = tuple(a for a in expert_axes if a in batch_axes)  # token peers of my experts
+  replicated = tuple(a for a in expert_axes if a not in batch_axes)
+  all_axes = tuple(sizes)
+  rng = experts.dropout_rng if experts.dropout_rate else None
+
+  def body(x, expert_index, kept, gate, wi, wo, rng=None):
+    if gathered:
+      x, expert_index, kept, gate = (jax.lax.all_gather(a, gathered, axis=0, tiled=True)
+                                     for a in (x, expert_index, kept, gate))
+    first = jax.lax.axis_index(expert_axes) * wo.shape[0] if expert_axes else 0
+    local = expert_index - first
+    mine = kept & (local >= 0) & (local < wo.shape[0])
+    if rng is not None:  # a different mask on every device
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(all_axes))
+    shard = dataclasses.replace(experts, wi=wi, wo=wo, dropout_rng=rng)
+    y = _grouped_ffn(x, jnp.where(mine, local, 0), mine, gate, shard)
+    if mlp_axes:  # partial sums over the hidden units
+      y = jax.lax.psum(y, mlp_axes)
+    if gathered:
+      y = jax.lax.psum_scatter(y, gathered, scatter_dimension=0, tiled=True)
+    if replicated:
+      y = jax.lax.psum(y, replicated)
+    return y
+
+  tokens, experts_entry = P(batch, None, None), expert_axes or None
+  specs = [tokens] * 4 + [[P(experts_entry, None, mlp)] * len(experts.wi),
+                          P(experts_entry, mlp, None)]
+  args = [x, decision.expert_index, decision.kept, decision.gate, list(experts.wi), experts.wo]
+  if rng is not None:
+    specs.append(P())
+    args.append(rng)
+  return jax.shard_map(body, in_specs=tuple(specs), out_specs=tokens)(*args)
 
 
 STRATEGIES = {"einsum": einsum_dispatch, "indices": indices_dispatch,

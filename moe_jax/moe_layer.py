@@ -94,10 +94,6 @@ class MoeLayer(nn.Module):
     if self.dispatch == "dropless" and isinstance(self.router, routing.ExpertsChooseRouter):
       raise ValueError("dispatch='dropless' needs a tokens-choose router: expert choice is "
                        "capacity-bounded by definition")
-    if self.dispatch == "dropless" and self.num_expert_partitions > 1:
-      raise ValueError("dispatch='dropless' does not shard over the 'expert' mesh axis yet "
-                       f"(num_expert_partitions={self.num_expert_partitions}); use 'einsum' or "
-                       "'indices' there")
     routing.check_router(self.router, self.causal)
     super().__post_init__()
 
@@ -131,11 +127,11 @@ class MoeLayer(nn.Module):
                      (e, m, self.d_ff), jnp.float32) for n in names]
     wo = self.param("wo", nn.with_logical_partitioning(init, ("expert", "expert_mlp", "embed")),
                     (e, self.d_ff, m), jnp.float32)
-    dropout = nn.Dropout(self.dropout_rate, broadcast_dims=())
+    training = not deterministic and self.dropout_rate > 0
     return dispatch_lib.Experts(
         wi=[jnp.asarray(w, self.dtype) for w in wi], wo=jnp.asarray(wo, self.dtype),
-        activations=[ACTIVATIONS[a] for a in self.activations],
-        dropout=lambda h: dropout(h, deterministic=deterministic))
+        activations=[ACTIVATIONS[a] for a in self.activations], dropout_rate=self.dropout_rate,
+        dropout_rng=self.make_rng("dropout") if training else None)
 
   @nn.compact
   def __call__(self, x: Array, padding_mask: Array | None = None, *,

@@ -578,7 +578,8 @@ def plan_memory(partitioner: Partitioner, abstract_params: Any,
            "shards are padded; a group_size giving a multiple of it uses every device"
            for g in uneven]
   # Under an expert axis XLA turns the indices dispatch's scatter / gather into all-gathers
-  # of the tokens, and dropless does not shard experts: neither fits this model.
+  # of the tokens, and dropless moves tokens by all-gather / reduce-scatter: neither fits this
+  # all-to-all model.
   unplanned = [f"{layer.name} ({layer.dispatch})" for layer in moe_layers
                if layer.dispatch != "einsum"]
   if unplanned:

@@ -1,5 +1,6 @@
 """Dispatch strategies: einsum == indices (outputs and gradients) for every router; with
-capacity not binding all three agree; dropless drops nothing; refused combinations."""
+capacity not binding all three agree; dropless drops nothing; refused combinations.
+(Dropless under a mesh: tests/test_partitioning.py.)"""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -95,8 +96,6 @@ def test_dropless_drops_nothing_under_extreme_imbalance():
 def test_refused_combinations():
   with pytest.raises(ValueError, match="dispatch='dropless' needs a tokens-choose router"):
     layer_fn(routing.ExpertsChooseRouter(num_experts=4), "dropless")
-  with pytest.raises(ValueError, match="num_expert_partitions=2"):
-    layer_fn(routing.TokensChooseRouter(num_experts=4), "dropless", num_expert_partitions=2)
 
 
 def test_auto_picks_a_strategy_with_the_same_semantics():

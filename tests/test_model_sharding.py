@@ -1,5 +1,5 @@
-"""switch_tiny (top-1), gshard_tiny (top-2) and expert_choice_tiny give the same loss
-and the same gradients on every mesh as on one device: XLA's sharding changes nothing but the
+"""switch_tiny (top-1), gshard_tiny (top-2, also dropless) and expert_choice_tiny give the same
+loss and the same gradients on every mesh as on one device: sharding changes nothing but the
 layout, and no ×num_expert_partitions rescale is needed (or applied)."""
 import flax.linen as nn
 import gin
@@ -14,6 +14,7 @@ MODELS = {
     "top1": ("models/switch_tiny.gin", []),
     "top2": ("models/gshard_tiny.gin", []),
     "expert_choice": ("models/expert_choice_tiny.gin", []),
+    "top2_dropless": ("models/gshard_tiny.gin", ["moe_layer.MoeLayer.dispatch = 'dropless'"]),
 }
 # 8 sequences of 16 tokens in groups of 16: 8 groups in every MoE layer on every mesh, so the
 # routing problem is the same everywhere; capacity factor 1 so some tokens are dropped.

@@ -298,13 +298,13 @@ ROUTERS = {
 B, L, M, H = 8, 8, 12, 16
 
 
-def moe(router: str, expert_partitions: int):
+def moe(router: str, expert_partitions: int, dispatch: str = "einsum"):
   # 8 groups of 8 tokens on every mesh, so all meshes compute the same function; capacity 1-2
-  # slots so some tokens are dropped.
+  # slots so some tokens are dropped (dropless: none).
   return moe_layer.MoeLayer(num_experts=8, d_ff=H, router=ROUTERS[router](), num_groups=8,
                             group_size=None, num_expert_partitions=expert_partitions,
                             train_capacity_factor=1.0, min_expert_capacity=1,
-                            dispatch="einsum")
+                            dispatch=dispatch)
 
 
 def layer_inputs():
@@ -331,24 +331,29 @@ def layer_loss(layer):
   return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
 
 
-@pytest.fixture(scope="module")
-def unsharded_results():
+def _unsharded(routers, dispatch):
   x, r = layer_inputs()
   out = {}
-  for router in ROUTERS:
-    layer = moe(router, 1)
+  for router in routers:
+    layer = moe(router, 1, dispatch)
     _, params = layer_params(layer)
     out[router] = (params, jax.jit(layer_loss(layer))(params, x, r))
   return out
 
 
-@pytest.mark.parametrize("shape", MESHES)
-@pytest.mark.parametrize("router", list(ROUTERS))
-def test_moe_layer_sharded_matches_unsharded(shape, router, unsharded_results):
-  part = make(shape)
-  layer = moe(router, part.num_expert_partitions)
+@pytest.fixture(scope="module")
+def unsharded_results():
+  return _unsharded(ROUTERS, "einsum")
+
+
+@pytest.fixture(scope="module")
+def unsharded_dropless():
+  return _unsharded(["top1", "top2"], "dropless")
+
+
+def _check_sharded_matches(part, layer, reference):
   x, r = layer_inputs()
-  params, ((ref_loss, ref_y), ref_grads) = unsharded_results[router]
+  params, ((ref_loss, ref_y), ref_grads) = reference
   abstract, _ = layer_params(layer)
   p_sh = part.params_shardings(abstract)["params"]
   params = jax.device_put(params, p_sh)
@@ -362,6 +367,23 @@ def test_moe_layer_sharded_matches_unsharded(shape, router, unsharded_results):
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
   assert grads[0]["wi"].sharding.is_equivalent_to(p_sh["wi"], 3)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_moe_layer_sharded_matches_unsharded(shape, router, unsharded_results):
+  part = make(shape)
+  _check_sharded_matches(part, moe(router, part.num_expert_partitions),
+                         unsharded_results[router])
+
+
+@pytest.mark.parametrize("shape", MESHES)
+@pytest.mark.parametrize("router", ["top1", "top2"])
+def test_dropless_sharded_matches_unsharded(shape, router, unsharded_dropless):
+  """Dropless runs per device (shard_map): experts over 'expert', hidden units over 'model'."""
+  part = make(shape)
+  _check_sharded_matches(part, moe(router, part.num_expert_partitions, "dropless"),
+                         unsharded_dropless[router])
 
 
 def _collective_shapes(hlo: str, op: str) -> list[list[tuple[int, ...]]]:
@@ -427,6 +449,19 @@ def test_compiled_expert_parallel_layer_uses_all_to_all(shape):
                          for s in shapes) * 4 * (x_parts - 1) // x_parts
   assert sent(fwd) == planned["all_to_all_forward"]
   assert sent(train) == planned["all_to_all_forward"] + planned["all_to_all_backward"]
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 1), (1, 4, 2)])
+def test_expert_parallel_dropless_keeps_experts_sharded(shape):
+  """No collective ever carries the full expert weights; the tokens travel by all-gather and
+  reduce-scatter over the expert axis."""
+  part = make(shape)
+  hlo = _compiled(part, moe("top2", part.num_expert_partitions, "dropless"), True)
+  assert "reduce-scatter" in hlo
+  full_weights = {(8, M, H), (8, H, M)}
+  for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
+    for shapes in _collective_shapes(hlo, op):
+      assert not full_weights & set(shapes), (op, shapes)
 
 
 def test_data_parallel_layer_has_no_all_to_all():
