@@ -135,7 +135,9 @@ def _grouped_ffn(x: Array, expert_index: Array, kept: Array, gate: Array,
   return jnp.zeros((g * s, m), x.dtype).at[order // k].add(rows).reshape(g, s, m)
 
 
-def _mesh_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+def mesh_axes(logical_name: str) -> tuple[str, ...]:
+  """The mesh axes the active logical axis rules map `logical_name` to (() without rules)."""
+  entry = nn.logical_to_mesh_axes((logical_name,))[0]
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
@@ -146,9 +148,7 @@ def _dropless_sharded(x: Array, decision: RouterOutput, experts: Experts) -> Arr
   own experts, and a reduce-scatter returns every token's sum to its owner. The token traffic
   is all-gather + reduce-scatter of [g,s,m], where the capacity-bounded strategies move
   cf·k/E of it each way by all-to-all."""
-  batch, expert_axes, mlp = (nn.logical_to_mesh_axes((name,))[0]
-                             for name in ("batch", "expert", "expert_mlp"))
-  batch_axes, expert_axes, mlp_axes = map(_mesh_axes, (batch, expert_axes, mlp))
+  batch_axes, expert_axes, mlp_axes = map(mesh_axes, ("batch", "expert", "expert_mlp"))
   sizes = dict(jax.sharding.get_abstract_mesh().shape)
   parts = math.prod(sizes[a] for a in batch_axes)
   g = x.shape[0]
@@ -180,9 +180,10 @@ def _dropless_sharded(x: Array, decision: RouterOutput, experts: Experts) -> Arr
       y = jax.lax.psum(y, replicated)
     return y
 
-  tokens, experts_entry = P(batch, None, None), expert_axes or None
-  specs = [tokens] * 4 + [[P(experts_entry, None, mlp)] * len(experts.wi),
-                          P(experts_entry, mlp, None)]
+  tokens = P(batch_axes or None, None, None)
+  w_in, w_out = P(expert_axes or None, None, mlp_axes or None), P(expert_axes or None,
+                                                                   mlp_axes or None, None)
+  specs = [tokens] * 4 + [[w_in] * len(experts.wi), w_out]
   args = [x, decision.expert_index, decision.kept, decision.gate, list(experts.wi), experts.wo]
   if rng is not None:
     specs.append(P())

@@ -24,11 +24,13 @@ _LOSSES = ("load_balance_loss", "router_z_loss")
 
 
 def group_shape(num_tokens: int, *, group_size: int | None, num_groups: int | None,
-                num_expert_partitions: int = 1) -> tuple[int, int]:
+                num_expert_partitions: int = 1, batch_partitions: int = 1) -> tuple[int, int]:
   """(G, S) for `num_tokens` tokens; G·S >= num_tokens, the rest is padding.
 
-  `num_groups` wins when given; otherwise G = ceil(T / group_size). Either way G is a multiple
-  of the expert partitions so each expert shard gets whole groups.
+  `num_groups` wins when given (a multiple of the expert partitions, so each expert shard gets
+  whole groups). Otherwise G = ceil(T / group_size) rounded up to a multiple of both the expert
+  partitions and the batch partitions (data × expert), so that every device routes whole groups
+  of its own, as in GShard / Mesh TensorFlow (at least one group per core).
   """
   if num_groups is not None:
     if num_groups % num_expert_partitions:
@@ -36,10 +38,20 @@ def group_shape(num_tokens: int, *, group_size: int | None, num_groups: int | No
                        f"num_expert_partitions={num_expert_partitions}")
     g = num_groups
   elif group_size is not None:
-    g = -(-math.ceil(num_tokens / group_size) // num_expert_partitions) * num_expert_partitions
+    multiple = math.lcm(num_expert_partitions, batch_partitions)
+    g = -(-math.ceil(num_tokens / group_size) // multiple) * multiple
   else:
     raise ValueError("MoeLayer needs group_size or num_groups")
   return g, -(-num_tokens // g)
+
+
+def batch_partitions() -> int:
+  """How many ways the mesh in force (jax.set_mesh; abstract or real) splits the 'batch' axis
+  under the active logical axis rules: data × expert in a Partitioner's steps, 1 outside."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  return math.prod(mesh.shape[a] for a in dispatch_lib.mesh_axes("batch"))
 
 
 class MoeLayer(nn.Module):
@@ -51,8 +63,9 @@ class MoeLayer(nn.Module):
     router: a routing.Router (TokensChooseRouter, ExpertsChooseRouter).
     train_capacity_factor / eval_capacity_factor: cf in training / when deterministic.
     min_expert_capacity, capacity_mode, capacity_multiple_of: see routing.expert_capacity.
-    group_size / num_groups: how tokens are grouped (num_groups wins when set).
-    num_expert_partitions: groups come in multiples of this (the mesh's 'expert' size).
+    group_size / num_groups: how tokens are grouped (num_groups wins when set; see group_shape).
+    num_expert_partitions: the mesh's 'expert' size: groups come in multiples of it (and of
+      the mesh's batch partitions, read from the mesh in force; see group_shape).
     activations: ('relu',) for T5 v1.0, ('gelu', 'linear') for gated-gelu (v1.1).
     dropout_rate: expert dropout on the hidden activations.
     dtype: dtype of the dispatched activations and expert matmuls (bfloat16 on TPU); the router
@@ -140,7 +153,8 @@ class MoeLayer(nn.Module):
     b, l, m = x.shape
     tokens = b * l
     g, s = group_shape(tokens, group_size=self.group_size, num_groups=self.num_groups,
-                       num_expert_partitions=self.num_expert_partitions)
+                       num_expert_partitions=self.num_expert_partitions,
+                       batch_partitions=batch_partitions())
     valid = (jnp.ones((b, l), bool) if padding_mask is None else padding_mask.astype(bool))
     pad = g * s - tokens
     groups = jnp.pad(x.reshape(tokens, m), ((0, pad), (0, 0))).reshape(g, s, m)

@@ -424,9 +424,11 @@ class MoeLayerGeometry:
   dispatch: str = "einsum"  # only the einsum dispatch is planned
 
 
-def moe_geometries(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[MoeLayerGeometry]:
+def moe_geometries(fn: Callable[..., Any], *args: Any, batch_partitions: int = 1,
+                   **kwargs: Any) -> list[MoeLayerGeometry]:
   """Every MoeLayer call made by `fn(*args, **kwargs)` (e.g. a model's loss_fn), found by
-  tracing it abstractly (jax.eval_shape: nothing is computed or allocated)."""
+  tracing it abstractly (jax.eval_shape: nothing is computed or allocated). batch_partitions:
+  the mesh's (Partitioner.batch_partitions), which the layers round their groups to."""
   from moe_jax import moe_layer  # the planner needs the layer; the partitioner does not
 
   found: list[MoeLayerGeometry] = []
@@ -437,7 +439,8 @@ def moe_geometries(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Mo
       b, l, m = call_args[0].shape
       g, s = moe_layer.group_shape(b * l, group_size=module.group_size,
                                    num_groups=module.num_groups,
-                                   num_expert_partitions=module.num_expert_partitions)
+                                   num_expert_partitions=module.num_expert_partitions,
+                                   batch_partitions=batch_partitions)
       found.append(MoeLayerGeometry(
           name="/".join(module.scope.path), num_groups=g, group_size=s,
           num_experts=module.num_experts,
@@ -574,9 +577,9 @@ def plan_memory(partitioner: Partitioner, abstract_params: Any,
   params = tree_bytes_per_device(values, shardings, sizes)
   n = partitioner.batch_partitions
   uneven = sorted({layer.num_groups for layer in moe_layers if layer.num_groups % n})
-  notes = [f"{g} MoE groups do not split evenly over the {n} batch partitions (data x expert): "
-           "shards are padded; a group_size giving a multiple of it uses every device"
-           for g in uneven]
+  notes = [f"num_groups={g} does not split evenly over the {n} batch partitions "
+           "(data x expert): shards are padded; a multiple of it (or group_size) uses every "
+           "device" for g in uneven]
   # Under an expert axis XLA turns the indices dispatch's scatter / gather into all-gathers
   # of the tokens, and dropless moves tokens by all-gather / reduce-scatter: neither fits this
   # all-to-all model.

@@ -45,7 +45,7 @@ def build_plan(gin_files: Sequence[str], mesh: str, *, batch_size: int, inputs_l
   part = partitioning.Partitioner.abstract(mesh)
   x = part.num_expert_partitions
   part.validate(batch_size=batch_size)
-  # The MoE layers' groups come in multiples of the mesh's expert partitions, as in training.
+  # The MoE layers' groups come in multiples of the mesh's partitions, as in training.
   config.parse_gin(gin_files, [*gin_bindings, f"NUM_EXPERT_PARTITIONS = {x}",
                                "planned_model.model = %MODEL"])
   model = planned_model()
@@ -62,7 +62,7 @@ def build_plan(gin_files: Sequence[str], mesh: str, *, batch_size: int, inputs_l
   }
   # A training step: rng given -> train capacity factor, as the trainer's loss.
   layers = partitioning.moe_geometries(model.loss_fn, nn.unbox(params), batch,
-                                       jax.random.key(0))
+                                       jax.random.key(0), batch_partitions=part.batch_partitions)
   for layer in layers:
     part.validate(num_experts=layer.num_experts, num_groups=layer.num_groups)
   hbm = None if hbm_gib is None else int(hbm_gib * 2**30)

@@ -163,6 +163,11 @@ def test_group_shape():
   assert moe_layer.group_shape(1000, group_size=256, num_groups=None) == (4, 250)
   assert moe_layer.group_shape(100, group_size=64, num_groups=None, num_expert_partitions=4) == (4, 25)
   assert moe_layer.group_shape(10, group_size=None, num_groups=4, num_expert_partitions=2) == (4, 3)
+  # Groups fill every batch partition (data x expert), also when fewer would reach group_size.
+  assert moe_layer.group_shape(4096, group_size=1024, num_groups=None, num_expert_partitions=2,
+                               batch_partitions=8) == (8, 512)
+  assert moe_layer.group_shape(4096, group_size=256, num_groups=None, num_expert_partitions=4,
+                               batch_partitions=6) == (24, 171)
   with pytest.raises(ValueError, match="num_groups=3 must be a multiple of num_expert_partitions=2"):
     moe_layer.group_shape(10, group_size=None, num_groups=3, num_expert_partitions=2)
 

@@ -417,7 +417,7 @@ def _geometry(layer, part):
   params = jax.eval_shape(lambda: layer.init(jax.random.key(1), x, deterministic=True))["params"]
   geometries = partitioning.moe_geometries(
       lambda p, x: layer.apply({"params": nn.unbox(p)}, x, deterministic=False, mutable=["moe"]),
-      params, x)
+      params, x, batch_partitions=part.batch_partitions)
   assert len(geometries) == 1
   return geometries[0]
 

@@ -274,9 +274,9 @@ def test_eval_and_infer_from_a_checkpoint(pretrained, tmp_path):
 # ---- steps, optimizer, checkpoints (no training loop) ----------------------------------------
 
 
-def _tiny_trainer(bindings, num_microbatches=1):
+def _tiny_trainer(bindings, num_microbatches=1, partitioner=None):
   model = config.build_model(["gin/models/switch_tiny.gin"], bindings)
-  return trainer.Trainer(model, partitioning.Partitioner(),
+  return trainer.Trainer(model, partitioner or partitioning.Partitioner(),
                          trainer.batch_shapes(LENGTHS, 8, True), trainer.adafactor,
                          num_microbatches=num_microbatches)
 
@@ -299,11 +299,13 @@ def test_microbatching_equals_one_big_batch():
   """4 microbatches of 2 rows == one batch of 8 for a deterministic model (no dropout, no
   jitter, MoE groups within a row). Padding makes the microbatches' target token counts differ,
   so this also checks the token weighting of the cross-entropy against the uniform weighting of
-  the aux losses. (One MoE layer per stack keeps compilation short.)"""
+  the aux losses. (One MoE layer per stack keeps compilation short. One device: on a mesh the
+  layers would cut a microbatch's few tokens into one group per device.)"""
   bindings = ["ROUTER_JITTER_NOISE = 0.0", "GROUP_SIZE = 8", "NUM_ENCODER_LAYERS = 1",
               "NUM_DECODER_LAYERS = 1", "ENCODER_SPARSE_STEP = 1", "DECODER_SPARSE_STEP = 1"]
-  one = _tiny_trainer(bindings)
-  four = _tiny_trainer(bindings, num_microbatches=4)
+  device = partitioning.Partitioner(devices=jax.devices()[:1])
+  one = _tiny_trainer(bindings, partitioner=device)
+  four = _tiny_trainer(bindings, num_microbatches=4, partitioner=device)
   state = one.init_state(0)
   batch = _batch(one, pack=False, padded_rows=(0, 5))  # microbatch i holds rows i, i+4
   weights = np.asarray(batch["decoder_loss_weights"]).reshape(2, 4, -1).sum(axis=(0, 2))
