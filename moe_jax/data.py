@@ -574,7 +574,10 @@ class DatasetIterator(Iterator[dict[str, np.ndarray]]):
     """Continues exactly after the state's batches_consumed batches."""
     changed = {k: (state.get(k), v) for k, v in self._config.items() if state.get(k) != v}
     if changed:
-      raise ValueError(f"dataset state was saved with other settings (saved, now): {changed}")
+      hint = (f"; NUM_DATA_SHARDS={changed['num_shards'][0]} (trainer.train.num_data_shards) "
+              "resumes the saved stream" if "num_shards" in changed else "")
+      raise ValueError(f"dataset state was saved with other settings (saved, now): {changed}"
+                       f"{hint}")
     self._consumed = int(state["batches_consumed"])
     self._dataset = self._iterator = None
 

@@ -256,6 +256,8 @@ def test_global_batches_do_not_depend_on_the_process_count():
         got = np.concatenate([b[step][k] for b in batches])
         assert got.shape == (8,) + shards[0][step][k].shape[1:]
         np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match="NUM_DATA_SHARDS=4 .* resumes the saved stream"):
+    data.get_dataset(*args, seed=2).set_state(state)  # 1 process, default 1 shard
   # A position saved by 2 processes resumes on 1 process (same num_shards).
   resumed = data.get_dataset(*args, seed=2, num_shards=4)
   resumed.set_state(dict(state, batches_consumed=2))
