@@ -162,9 +162,8 @@ def scale_by_adafactor(param_axes: PyTree, *, rules: Mapping[str, str] = FACTOR_
       for key, value in (("u", u.astype(p.dtype)), ("v_row", v_row), ("v_col", v_col),
                          ("v", v)):
         out[key].append(value)
-    unflatten = lambda k: jax.tree_util.tree_unflatten(treedef, out[k])  # noqa: E731
-    return unflatten("u"), ScaleByAdafactorState(
-        count=optax.safe_increment(state.count), v_row=unflatten("v_row"),
-        v_col=unflatten("v_col"), v=unflatten("v"))
+    trees = {k: jax.tree_util.tree_unflatten(treedef, v) for k, v in out.items()}
+    return trees.pop("u"), ScaleByAdafactorState(count=optax.safe_increment(state.count),
+                                                 **trees)
 
   return optax.GradientTransformation(init, update)
