@@ -145,9 +145,9 @@ def _dropless_sharded(x: Array, decision: RouterOutput, experts: Experts) -> Arr
   """Dropless under a mesh, per device with jax.shard_map (ragged_dot has no SPMD rule that
   keeps experts sharded). Each device holds groups (over the batch axes) and experts (over the
   expert axes): it all-gathers the tokens of its expert-axis peers, runs those assigned to its
-  own experts, and a reduce-scatter returns every token's sum to its owner. The token traffic
-  is all-gather + reduce-scatter of [g,s,m], where the capacity-bounded strategies move
-  cf·k/E of it each way by all-to-all."""
+  own experts, and a reduce-scatter returns every token's sum to its owner. Per device that
+  sends X-1 copies of its [g,s,m] block each way (X: expert partitions), where the
+  capacity-bounded strategies' all-to-alls send about cf·k/X as much."""
   batch_axes, expert_axes, mlp_axes = map(mesh_axes, ("batch", "expert", "expert_mlp"))
   sizes = dict(jax.sharding.get_abstract_mesh().shape)
   parts = math.prod(sizes[a] for a in batch_axes)
