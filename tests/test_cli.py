@@ -18,8 +18,6 @@ PRETRAIN = "--gin_file=gin/runs/pretrain.gin"
 @pytest.fixture(autouse=True)
 def _repo_cwd(monkeypatch):
   monkeypatch.chdir(ROOT)  # gin file names in the flags are repo-relative, as in the README
-  yield
-  gin.clear_config()
 
 
 def _error_line(capsys, main, argv) -> str:

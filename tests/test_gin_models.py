@@ -22,13 +22,6 @@ SHAPES = {"encoder_input_tokens": (2, 8), "decoder_input_tokens": (2, 4)}
 FIXED_VOCAB = ["VOCAB_SIZE = 2100"]
 
 
-@pytest.fixture(autouse=True)
-def _unlock_gin():
-  """parse_gin locks the global gin config; leave it cleared for whatever runs next."""
-  yield
-  gin.clear_config()
-
-
 def build(gin_file, bindings=()):
   config.parse_gin([f"models/{gin_file}"], list(bindings))
   return gin.query_parameter("%MODEL").scoped_configurable_fn()

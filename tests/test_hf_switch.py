@@ -26,13 +26,6 @@ VOCAB = 48
 REPO = os.path.join(os.path.dirname(__file__), os.pardir)
 
 
-@pytest.fixture(autouse=True)
-def _unlock_gin():
-  """parse_gin locks the global gin config; leave it cleared for whatever runs next."""
-  yield
-  gin.clear_config()
-
-
 def switch_model(seed, **overrides):
   kwargs = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=40, num_layers=2,
                 num_decoder_layers=2, num_heads=4, num_experts=4, num_sparse_encoder_layers=1,

@@ -25,12 +25,6 @@ SWITCH_TINY = str(_ROOT / "gin" / "models" / "switch_tiny.gin")
 MiB = 2**20
 
 
-@pytest.fixture(autouse=True)
-def _clear_gin():
-  yield
-  gin.clear_config()
-
-
 def test_moe_layer_bytes_by_hand():
   # Switch-Base encoder layer, batch 256 x 512 tokens, group size 1024, bfloat16 activations.
   g, s, e, c, m, h = 128, 1024, 128, 10, 768, 3072

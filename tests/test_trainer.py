@@ -66,8 +66,6 @@ def _params(step_dir):
 @pytest.fixture(autouse=True)
 def _repo_cwd(monkeypatch):
   monkeypatch.chdir(ROOT)
-  yield
-  gin.clear_config()
 
 
 @pytest.fixture(scope="session")
