@@ -141,6 +141,15 @@ def mesh_axes(logical_name: str) -> tuple[str, ...]:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def batch_partitions() -> int:
+  """How many ways the mesh in force (jax.set_mesh; abstract or real) splits the 'batch' axis
+  under the active logical axis rules: data × expert in a Partitioner's steps, 1 outside."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  return math.prod(mesh.shape[a] for a in mesh_axes("batch"))
+
+
 def _dropless_sharded(x: Array, decision: RouterOutput, experts: Experts) -> Array:
   """Dropless under a mesh, per device with jax.shard_map (ragged_dot has no SPMD rule that
   keeps experts sharded). Each device holds groups (over the batch axes) and experts (over the
@@ -149,8 +158,7 @@ def _dropless_sharded(x: Array, decision: RouterOutput, experts: Experts) -> Arr
   sends X-1 copies of its [g,s,m] block each way (X: expert partitions), where the
   capacity-bounded strategies' all-to-alls send about cf·k/X as much."""
   batch_axes, expert_axes, mlp_axes = map(mesh_axes, ("batch", "expert", "expert_mlp"))
-  sizes = dict(jax.sharding.get_abstract_mesh().shape)
-  parts = math.prod(sizes[a] for a in batch_axes)
+  parts = batch_partitions()
   g = x.shape[0]
   if g % parts:
     raise ValueError(f"dispatch='dropless' on this mesh needs the MoE groups ({g}) to be a "
@@ -158,8 +166,8 @@ def _dropless_sharded(x: Array, decision: RouterOutput, experts: Experts) -> Arr
                      "num_groups or group_size")
   gathered = tuple(a for a in expert_axes if a in batch_axes)  # token peers of my experts
   replicated = tuple(a for a in expert_axes if a not in batch_axes)
-  all_axes = tuple(sizes)
-  rng = experts.dropout_rng if experts.dropout_rate else None
+  all_axes = jax.sharding.get_abstract_mesh().axis_names
+  rng = experts.dropout_rng
 
   def body(x, expert_index, kept, gate, wi, wo, rng=None):
     if gathered:

@@ -20,19 +20,18 @@ import jax
 from etils import epath
 import numpy as np
 
+from moe_jax import models
 from moe_jax import partitioning
 from moe_jax import train
 from moe_jax import trainer as trainer_lib
 from moe_jax.checkpoints import orbax_utils
 
-EOS_ID = 1
-
 
 def ids_to_text(ids: Sequence[int], vocabulary: Any) -> str:
   """Token ids up to the first EOS, padding dropped -> text."""
   ids = [int(i) for i in ids]
-  if EOS_ID in ids:
-    ids = ids[:ids.index(EOS_ID)]
+  if models.EOS_ID in ids:
+    ids = ids[:ids.index(models.EOS_ID)]
   return vocabulary.decode([i for i in ids if i > 0])
 
 
@@ -54,16 +53,15 @@ def infer(*, model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
   """
   trainer, params, model_dir, step = trainer_lib.restore_for_inference(
       model, partitioner, task_feature_lengths, batch_size, False, checkpoint_path)
-  data_lib = trainer_lib.data_module()
+  trainer_lib.data_module()  # registers the tasks
   import seqio  # after data_module: TensorFlow starts only now
   vocabulary = seqio.get_mixture_or_task(mixture_or_task_name).output_features[
       "targets"].vocabulary
-  it = data_lib.get_dataset(mixture_or_task_name, dict(task_feature_lengths), split, batch_size,
-                            shuffle=False, seed=seed, process_index=jax.process_index(),
-                            process_count=jax.process_count(), pack=False,
-                            num_epochs=1 if jax.process_count() == 1 else None)
   if jax.process_count() > 1 and max_batches is None:
     raise ValueError("several processes need infer.max_batches (shards may differ in length)")
+  batches = trainer_lib.eval_batches(
+      mixture_or_task_name, task_feature_lengths=task_feature_lengths, batch_size=batch_size,
+      split=split, eval_steps=max_batches, pack=False, seed=seed)
   decode_length = max_decode_length or task_feature_lengths["targets"]
 
   def predict(p, batch, rng):
@@ -75,14 +73,12 @@ def infer(*, model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
   output_dir = orbax_utils.absolute(output_dir or os.path.join(model_dir, "infer"))
   path = os.path.join(output_dir, f"{mixture_or_task_name}-{split}-{step}.jsonl")
   rows = []
-  for i, local in enumerate(it):
-    if max_batches is not None and i >= max_batches:
-      break
+  for i, local in enumerate(batches):
     batch = partitioner.shard_batch(local)
     if predict_fn is None:
       predict_fn = partitioner.jit(
           predict, in_shardings=(trainer.params_shardings,
-                                 {k: partitioner.data_sharding(v.ndim) for k, v in batch.items()},
+                                 trainer.batch_shardings(batch),
                                  trainer.replicated),
           out_shardings=trainer.replicated)
     predictions = np.asarray(jax.device_get(predict_fn(params, batch, jax.random.fold_in(rng, i))))

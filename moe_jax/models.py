@@ -296,13 +296,12 @@ class Transformer(nn.Module):
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Array | None = None,
                encoder_segment_ids: Array | None = None,
-               decoder_segment_ids: Array | None = None, *, deterministic: bool,
-               decode: bool = False) -> Array:
-    """Teacher-forced logits [b,ld,v] float32."""
+               decoder_segment_ids: Array | None = None, *,
+               deterministic: bool) -> Array:
+    """Teacher-forced logits [b,ld,v] float32 (step-wise decoding: `decode` with decode=True)."""
     encoded = self.encode(encoder_input_tokens, encoder_segment_ids, deterministic=deterministic)
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
-                       encoder_segment_ids, decoder_segment_ids, deterministic=deterministic,
-                       decode=decode)
+                       encoder_segment_ids, decoder_segment_ids, deterministic=deterministic)
 
 
 def cross_entropy_with_z_loss(logits: Array, targets: Array, z_loss: float,

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import dispatch as dispatch_lib
+from moe_jax import layers
 from moe_jax import routing
 
 Array = jax.Array
 
-ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu, "linear": lambda x: x}
 _LOSSES = ("load_balance_loss", "router_z_loss")
 
 
@@ -43,15 +43,6 @@ def group_shape(num_tokens: int, *, group_size: int | None, num_groups: int | No
   else:
     raise ValueError("MoeLayer needs group_size or num_groups")
   return g, -(-num_tokens // g)
-
-
-def batch_partitions() -> int:
-  """How many ways the mesh in force (jax.set_mesh; abstract or real) splits the 'batch' axis
-  under the active logical axis rules: data × expert in a Partitioner's steps, 1 outside."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return 1
-  return math.prod(mesh.shape[a] for a in dispatch_lib.mesh_axes("batch"))
 
 
 class MoeLayer(nn.Module):
@@ -100,10 +91,7 @@ class MoeLayer(nn.Module):
     if self.dispatch != "auto" and self.dispatch not in dispatch_lib.STRATEGIES:
       raise ValueError(f"dispatch={self.dispatch!r} is not 'auto' or one of "
                        f"{sorted(dispatch_lib.STRATEGIES)}")
-    unknown = [a for a in self.activations if a not in ACTIVATIONS]
-    if unknown:
-      raise ValueError(f"activations={tuple(self.activations)} has unknown {unknown}; "
-                       f"known: {sorted(ACTIVATIONS)}")
+    layers.check_activations(self.activations)
     if self.dispatch == "dropless" and isinstance(self.router, routing.ExpertsChooseRouter):
       raise ValueError("dispatch='dropless' needs a tokens-choose router: expert choice is "
                        "capacity-bounded by definition")
@@ -143,8 +131,8 @@ class MoeLayer(nn.Module):
     training = not deterministic and self.dropout_rate > 0
     return dispatch_lib.Experts(
         wi=[jnp.asarray(w, self.dtype) for w in wi], wo=jnp.asarray(wo, self.dtype),
-        activations=[ACTIVATIONS[a] for a in self.activations], dropout_rate=self.dropout_rate,
-        dropout_rng=self.make_rng("dropout") if training else None)
+        activations=[layers.ACTIVATIONS[a] for a in self.activations],
+        dropout_rate=self.dropout_rate, dropout_rng=self.make_rng("dropout") if training else None)
 
   @nn.compact
   def __call__(self, x: Array, padding_mask: Array | None = None, *,
@@ -154,7 +142,7 @@ class MoeLayer(nn.Module):
     tokens = b * l
     g, s = group_shape(tokens, group_size=self.group_size, num_groups=self.num_groups,
                        num_expert_partitions=self.num_expert_partitions,
-                       batch_partitions=batch_partitions())
+                       batch_partitions=dispatch_lib.batch_partitions())
     valid = (jnp.ones((b, l), bool) if padding_mask is None else padding_mask.astype(bool))
     pad = g * s - tokens
     groups = jnp.pad(x.reshape(tokens, m), ((0, pad), (0, 0))).reshape(g, s, m)

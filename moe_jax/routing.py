@@ -71,6 +71,10 @@ class RouterOutput:
   metrics: dict[str, Array]
 
 
+def _masked_mean(x: Array, w: Array) -> Array:
+  return jnp.sum(x * w) / jnp.maximum(w.sum(), 1.0)
+
+
 def load_balance_loss(probs: Array, first_choice: Array, valid: Array) -> Array:
   """Switch load-balance loss E · Σ_e f_e · P_e per group, averaged over groups.
 
@@ -84,15 +88,13 @@ def load_balance_loss(probs: Array, first_choice: Array, valid: Array) -> Array:
   f = jnp.einsum("gse,gs->ge", jax.nn.one_hot(first_choice, num_experts), w) / denom
   p = jnp.einsum("gse,gs->ge", probs, w) / denom
   per_group = num_experts * jnp.sum(f * p, axis=-1)
-  has_tokens = (n > 0).astype(jnp.float32)
-  return jnp.sum(per_group * has_tokens) / jnp.maximum(has_tokens.sum(), 1.0)
+  return _masked_mean(per_group, (n > 0).astype(jnp.float32))
 
 
 def router_z_loss(logits: Array, valid: Array) -> Array:
   """ST-MoE router z-loss: mean over real tokens of logsumexp(logits)². logits [g,s,e]."""
   z = jax.nn.logsumexp(logits, axis=-1) ** 2
-  w = valid.astype(jnp.float32)
-  return jnp.sum(z * w) / jnp.maximum(w.sum(), 1.0)
+  return _masked_mean(z, valid.astype(jnp.float32))
 
 
 def _top_k(x: Array, k: int) -> tuple[Array, Array]:
@@ -105,10 +107,6 @@ def _top_k(x: Array, k: int) -> tuple[Array, Array]:
     indices.append(i)
     x = jnp.where(jax.nn.one_hot(i, x.shape[-1], dtype=bool), -jnp.inf, x)
   return jnp.stack(values, -1), jnp.stack(indices, -1).astype(jnp.int32)
-
-
-def _masked_mean(x: Array, w: Array) -> Array:
-  return jnp.sum(x * w) / jnp.maximum(w.sum(), 1.0)
 
 
 def routing_metrics(probs: Array, kept: Array, expert_index: Array, valid: Array) -> dict[str, Array]:
@@ -126,6 +124,19 @@ def routing_metrics(probs: Array, kept: Array, expert_index: Array, valid: Array
       "router_confidence": _masked_mean(jnp.max(probs, axis=-1), w),
       "router_entropy": _masked_mean(entropy, w),
   }
+
+
+def _slots(index: Array, active: Array, num_experts: int) -> Array:
+  """Slot of each active assignment [g,s,k] in its expert's buffer: its position among the
+  assignments to that expert, all first choices first, then the second, ... (token order within
+  a choice rank)."""
+  g, s, k = index.shape
+  onehot = jax.nn.one_hot(index, num_experts, dtype=jnp.int32) * active[..., None]  # [g,s,k,e]
+  # [g,s,k,e] -> [g,k,s,e] -> cumsum over (k, s) in k-major order.
+  kmajor = onehot.transpose(0, 2, 1, 3).reshape(g, k * s, num_experts)
+  position = jnp.cumsum(kmajor, axis=1) - 1
+  position = position.reshape(g, k, s, num_experts).transpose(0, 2, 1, 3)
+  return jnp.sum(position * onehot, axis=-1)
 
 
 class Router(nn.Module):
@@ -224,10 +235,11 @@ class TokensChooseRouter(Router):
     policy = self.eval_second_expert_policy if deterministic else self.second_expert_policy
 
     gate, index = _top_k(probs, k)  # [g,s,k]
+    first_choice, first_prob = index[..., 0], gate[..., 0]  # [g,s]
     if policy == "sampling" and k > 1:
       # Choices 2..k drawn without replacement (Gumbel top-k) with the first expert masked.
       gumbel = jax.random.gumbel(self.make_rng("router"), logits.shape)
-      scores = jnp.where(jax.nn.one_hot(index[..., 0], e, dtype=bool), -jnp.inf, logits + gumbel)
+      scores = jnp.where(jax.nn.one_hot(first_choice, e, dtype=bool), -jnp.inf, logits + gumbel)
       _, rest = _top_k(scores, k - 1)
       index = jnp.concatenate([index[..., :1], rest], axis=-1)
       gate = jnp.take_along_axis(probs, index, axis=-1)
@@ -243,18 +255,16 @@ class TokensChooseRouter(Router):
       active = active & (~later | (u < gate / self.second_expert_threshold))
 
     # Priority: all first choices before any second choice; within a choice rank, token order
-    # (or descending top-1 probability with batch-prioritized routing).
-    order = (jnp.argsort(-probs.max(-1), axis=-1, stable=True) if self.batch_prioritized
-             else jnp.broadcast_to(jnp.arange(s), (g, s)))
-    take = lambda a: jnp.take_along_axis(a, order[..., None], axis=1)  # noqa: E731  [g,s,k]
-    onehot = jax.nn.one_hot(take(index), e, dtype=jnp.int32) * take(active)[..., None]
-    # [g,s,k,e] -> [g,k,s,e] -> cumsum over (k, s) in k-major order.
-    kmajor = onehot.transpose(0, 2, 1, 3).reshape(g, k * s, e)
-    position = jnp.cumsum(kmajor, axis=1) - 1
-    position = position.reshape(g, k, s, e).transpose(0, 2, 1, 3)
-    slot_sorted = jnp.sum(position * onehot, axis=-1)  # [g,s,k]
-    inverse = jnp.argsort(order, axis=-1)
-    slot = jnp.take_along_axis(slot_sorted, inverse[..., None], axis=1)
+    # (or descending top-1 probability with batch-prioritized routing: tokens are permuted into
+    # that order and the slots permuted back).
+    if self.batch_prioritized:
+      order = jnp.argsort(-first_prob, axis=-1, stable=True)  # [g,s]
+      take = lambda a: jnp.take_along_axis(a, order[..., None], axis=1)  # noqa: E731  [g,s,k]
+      slot = _slots(take(index), take(active), e)
+      take_back = jnp.argsort(order, axis=-1)
+      slot = jnp.take_along_axis(slot, take_back[..., None], axis=1)
+    else:
+      slot = _slots(index, active, e)
     kept = active & (slot < capacity)
 
     if self.normalize_gates and not self.normalize_before_drop:
@@ -263,8 +273,8 @@ class TokensChooseRouter(Router):
     gate = jnp.where(kept, gate, 0.0)
 
     return RouterOutput(
-        expert_index=index.astype(jnp.int32), slot=slot.astype(jnp.int32), gate=gate, kept=kept,
-        load_balance_loss=load_balance_loss(probs, jnp.argmax(probs, axis=-1), valid),
+        expert_index=index, slot=slot, gate=gate, kept=kept,
+        load_balance_loss=load_balance_loss(probs, first_choice, valid),
         router_z_loss=router_z_loss(logits, valid),
         metrics=routing_metrics(probs, kept, index, valid))
 

@@ -7,16 +7,18 @@
   -> orbax checkpoints every CHECKPOINT_PERIOD steps, the last step and on SIGTERM.
 
 The optimizer factories (`adafactor`, `adamw`) take the params' logical axis names and return
-the update direction for a learning rate of 1; the train step multiplies it by `learning_rate_fn(step)`, evaluated on the host and
-passed in. So the schedule follows the global step even when the optimizer state starts fresh
-(finetuning, sparse upcycling), the logged learning rate is the one applied, and a new schedule
-does not change the compiled step.
+the update direction for a learning rate of 1; the train step multiplies it by
+`learning_rate_fn(step)`, evaluated in Python on the host and passed in. So the schedule
+follows the global step even when the optimizer state starts fresh (finetuning, sparse
+upcycling), the logged learning rate is the one applied, a new schedule does not change the
+compiled step, and computing it never waits for the device.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import json
+import math
 import os
 import signal
 import time
@@ -41,7 +43,8 @@ Array = jax.Array
 PyTree = Any
 # Logical axis names of the params (PartitionSpecs) -> the update direction for learning rate 1.
 OptimizerFactory = Callable[[PyTree], optax.GradientTransformation]
-Schedule = Callable[[Array], Array]
+# Evaluated on the host (plain Python), so computing it never waits for the device.
+Schedule = Callable[[int], float]
 
 # ---- learning-rate schedules and optimizers -------------------------------------------------
 
@@ -54,11 +57,10 @@ def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000,
   Constant base/sqrt(warmup) for the first warmup_steps, then inverse square-root decay (T5 and
   Switch: base 1.0, warmup 10k). linear_warmup additionally ramps it from 0 over the warmup.
   """
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    lr = base_learning_rate * jax.lax.rsqrt(jnp.maximum(step, float(warmup_steps)))
+  def schedule(step: int) -> float:
+    lr = base_learning_rate / math.sqrt(max(step, warmup_steps))
     if linear_warmup:
-      lr = lr * jnp.minimum(1.0, (step + 1.0) / warmup_steps)
+      lr *= min(1.0, (step + 1) / warmup_steps)
     return lr
   return schedule
 
@@ -66,7 +68,7 @@ def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000,
 @gin.configurable
 def constant_schedule(learning_rate: float = 1e-3) -> Schedule:
   """A constant learning rate (t5x finetuning uses 1e-3 with Adafactor)."""
-  return lambda step: jnp.full((), learning_rate, jnp.float32)
+  return lambda step: learning_rate
 
 
 @gin.configurable
@@ -225,7 +227,7 @@ class Trainer:
 
   # -- steps ------------------------------------------------------------------------------------
 
-  def _batch_shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+  def batch_shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
     return {k: self.partitioner.data_sharding(np.ndim(v)) for k, v in batch.items()}
 
   def _microbatch_grads(self, params, batch, rng):
@@ -293,7 +295,7 @@ class Trainer:
     if self._train_step is None:
       self._train_step = self.partitioner.jit(
           self._train_step_impl,
-          in_shardings=(self.state_shardings, self._batch_shardings(batch), self.replicated),
+          in_shardings=(self.state_shardings, self.batch_shardings(batch), self.replicated),
           out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
     return self._train_step(state, batch, np.float32(learning_rate))
 
@@ -302,16 +304,12 @@ class Trainer:
     if self._eval_step is None:
       self._eval_step = self.partitioner.jit(
           lambda p, b: self.model.eval_fn(p, b)[1],
-          in_shardings=(self.params_shardings, self._batch_shardings(batch)),
+          in_shardings=(self.params_shardings, self.batch_shardings(batch)),
           out_shardings=self.replicated)
     return self._eval_step(params, batch)
 
 
 # ---- metrics --------------------------------------------------------------------------------
-
-
-def _to_host(metrics: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  return {k: np.asarray(v) for k, v in jax.device_get(dict(metrics)).items()}
 
 
 def average_metrics(history: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -485,8 +483,10 @@ def evaluate_tasks(trainer: Trainer, params: PyTree,
   for task, task_batches in batches.items():
     sums = {"loss": 0.0, "cross_ent_loss": 0.0, "accuracy": 0.0}
     total = 0.0
-    for local in task_batches:
-      metrics = _to_host(trainer.eval_step(params, trainer.partitioner.shard_batch(local)))
+    # Dispatch every batch, then fetch all metrics at once: no wait for the device per batch.
+    on_device = [trainer.eval_step(params, trainer.partitioner.shard_batch(local))
+                 for local in task_batches]
+    for metrics in jax.device_get(on_device):
       weight = float(metrics["num_tokens"])
       for key in sums:
         sums[key] += weight * float(metrics[key])
@@ -684,7 +684,7 @@ def _train(preemption: _Preemption, *, model, model_dir, total_steps, mixture_or
         progress.update(1)
       last = step >= total_steps
       if step % stats_period == 0 or last:
-        averaged = average_metrics([_to_host(m) for m in pending])
+        averaged = average_metrics(jax.device_get(pending))  # one transfer per period
         pending = []
         elapsed = time.time() - timer_start - paused
         if timed_steps:

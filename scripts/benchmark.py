@@ -61,7 +61,7 @@ def moe_fwd_bwd(num_experts: int, d_model: int, d_ff: int, tokens: int, group_si
   def loss(p, x):
     y = layer.apply({"params": p}, x, deterministic=False, rngs={"router": jax.random.key(2)})
     return jnp.mean(y ** 2)
-  return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x), layer, params
+  return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x)
 
 
 def dense_fwd_bwd(d_model: int, d_ff: int, tokens: int, seq_len: int = 512):
@@ -87,7 +87,7 @@ def layer_suite(grid: dict, repeats: int) -> list[dict]:
                                     and e <= grid["dropless_max_experts"])]
   rows = []
   for e, s, cf, d in tqdm.tqdm(configs, desc="layer", file=sys.stdout):
-    fn, args, *_ = moe_fwd_bwd(e, m, h, tokens, s, cf, d)
+    fn, args = moe_fwd_bwd(e, m, h, tokens, s, cf, d)
     t = interleaved_median({"moe": lambda: fn(*args), "dense": lambda: dense(*dargs)}, repeats)
     floor = cf * (1 + s / h) if d == "einsum" else None
     ratio = t["moe"] / t["dense"]
@@ -104,7 +104,7 @@ def memory_suite(grid: dict) -> list[dict]:
   cases = [("tokens", t, grid["memory_group_size"]) for t in grid["memory_tokens"]]
   cases += [("group_size", grid["memory_fixed_tokens"], s) for s in grid["memory_group_sizes"]]
   for sweep, tokens, s in tqdm.tqdm(cases, desc="memory", file=sys.stdout):
-    fn, args, *_ = moe_fwd_bwd(8, m, h, tokens, s, 1.25, "einsum")
+    fn, args = moe_fwd_bwd(8, m, h, tokens, s, 1.25, "einsum")
     stats = fn.lower(*args).compile().memory_analysis()
     rows.append({"sweep": sweep, "tokens": tokens, "group_size": s,
                  "temp_bytes": int(stats.temp_size_in_bytes)})

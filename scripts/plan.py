@@ -16,18 +16,11 @@ import sys
 from typing import Any, Sequence
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import optax
 
 from moe_jax import config, partitioning, trainer
-
-
-@gin.configurable
-def planned_model(model=gin.REQUIRED):
-  """Receives the gin MODEL macro (bound by main)."""
-  return model
 
 
 def optimizer_for(name: str, boxed_params: Any) -> optax.GradientTransformation:
@@ -46,9 +39,7 @@ def build_plan(gin_files: Sequence[str], mesh: str, *, batch_size: int, inputs_l
   x = part.num_expert_partitions
   part.validate(batch_size=batch_size)
   # The MoE layers' groups come in multiples of the mesh's partitions, as in training.
-  config.parse_gin(gin_files, [*gin_bindings, f"NUM_EXPERT_PARTITIONS = {x}",
-                               "planned_model.model = %MODEL"])
-  model = planned_model()
+  model = config.build_model(gin_files, [*gin_bindings, f"NUM_EXPERT_PARTITIONS = {x}"])
   shapes = {"encoder_input_tokens": (batch_size, inputs_length),
             "decoder_input_tokens": (batch_size, targets_length)}
   variables = jax.eval_shape(lambda rng: model.get_initial_variables(rng, shapes),

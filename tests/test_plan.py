@@ -87,9 +87,9 @@ def test_switch_base_on_256_devices():
   shapes = {"encoder_input_tokens": (256, 512), "decoder_input_tokens": (256, 114)}
   gin.clear_config()
   from moe_jax import config
-  config.parse_gin([SWITCH_BASE], ["planned_model.model = %MODEL", "NUM_EXPERT_PARTITIONS = 8"])
+  model = config.build_model([SWITCH_BASE], ["NUM_EXPERT_PARTITIONS = 8"])
   params = nn.unbox(jax.eval_shape(
-      lambda r: plan.planned_model().get_initial_variables(r, shapes), jax.random.key(0)))
+      lambda r: model.get_initial_variables(r, shapes), jax.random.key(0)))
   # Expert weights: wi [128, m, h] / wo [128, h, m] (dense layers' wi / wo are 2-D).
   is_expert = lambda k, shape: k[-6:] in ("['wi']", "['wo']") and len(shape) == 3  # noqa: E731
   expert = _named_bytes(params, is_expert)
@@ -131,9 +131,9 @@ def test_switch_tiny_plan_matches_real_shards():
                       targets_length=8, hbm_gib=1)
   assert p.fits
   from moe_jax import config
-  config.parse_gin([SWITCH_TINY], ["planned_model.model = %MODEL", "NUM_EXPERT_PARTITIONS = 4"])
+  model = config.build_model([SWITCH_TINY], ["NUM_EXPERT_PARTITIONS = 4"])
   shapes = {"encoder_input_tokens": (8, 16), "decoder_input_tokens": (8, 8)}
-  boxed = jax.eval_shape(lambda r: plan.planned_model().get_initial_variables(r, shapes),
+  boxed = jax.eval_shape(lambda r: model.get_initial_variables(r, shapes),
                          jax.random.key(0))["params"]
   part = partitioning.Partitioner(mesh_shape=(2, 4, 1))
   shardings = part.params_shardings(boxed)

@@ -305,13 +305,14 @@ def save_params(params: Mapping[str, Any], directory: str) -> str:
   layout, so `orbax_utils.resolve_path(directory)` finds it). Written to a temporary sibling
   and renamed into place, so a checkpoint is never half-written. Returns the step directory."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from moe_jax.checkpoints import orbax_utils  # pylint: disable=import-outside-toplevel
   directory = os.path.abspath(directory)
-  final = os.path.join(directory, "checkpoint_0")
+  final = orbax_utils.step_dir(directory, 0)
   if os.path.exists(final):
     raise FileExistsError(f"{final} already exists")
-  tmp = os.path.join(directory, f".checkpoint_0.tmp-{os.getpid()}")
+  tmp = os.path.join(directory, f".{os.path.basename(final)}.tmp-{os.getpid()}")
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(tmp, "params"), dict(params))
+  checkpointer.save(os.path.join(tmp, orbax_utils.ITEMS[0]), dict(params))
   checkpointer.wait_until_finished()
   os.rename(tmp, final)
   return final
