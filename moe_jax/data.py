@@ -4,6 +4,8 @@ Importing this module registers the seqio tasks
 
   pydocs_span_corruption   T5 span corruption on the embedded corpus (no download)
   pydocs_prefix_lm         prefix LM on the embedded corpus
+  pystdlib_span_corruption / pystdlib_prefix_lm        the Python stdlib's source (corpora.py)
+  multidomain_span_corruption / multidomain_prefix_lm  the synthetic multi-domain corpus
   c4_v220_span_corruption  T5 span corruption on TFDS 'c4/en:2.2.0' (the t5x pre-training task)
 
 The embedded corpus is the Python standard library's documentation topics
@@ -42,6 +44,8 @@ import sentencepiece as spm
 import seqio
 import tensorflow as tf
 
+from moe_jax import corpora
+
 try:
   # The input pipeline runs on the host CPU; JAX owns the accelerators.
   tf.config.set_visible_devices([], "GPU")
@@ -60,6 +64,7 @@ _MAX_CHUNK_TOKENS = 65536  # T5's select_random_chunk bound on one document
 _CONCAT_BATCH = 128  # documents concatenated before splitting (T5's reduce_concat_tokens)
 _SPM_OPTIONS = dict(model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
                     character_coverage=0.9995, num_threads=1, minloglevel=2)
+_SPM_MAX_SENTENCES = 100_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,36 +107,11 @@ def corpus_split(split: str) -> tuple[str, ...]:
   return tuple(d for d in _corpus_documents() if _is_validation(d) == (split == "validation"))
 
 
-class PydocsSource(seqio.DataSource):
-  """seqio source of the embedded corpus: {'text': tf.string} per document.
-
-  shuffle=True is a full shuffle, a new permutation each epoch (deterministic for a seed);
-  sharding then takes every num_shards-th document of that permutation, so the hosts of one
-  job see disjoint documents in every epoch.
-  """
+class PydocsSource(corpora.DocumentsSource):
+  """seqio source of the embedded corpus: {'text': tf.string} per document."""
 
   def __init__(self):
-    super().__init__(splits=("train", "validation"))
-
-  @property
-  def supports_arbitrary_sharding(self) -> bool:
-    return True
-
-  def list_shards(self, split: str) -> Sequence[str]:
-    return [split]
-
-  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
-                  shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
-                  use_cached: bool = False, num_epochs: int | None = 1) -> tf.data.Dataset:
-    """sequence_length, use_cached and num_epochs are part of seqio's interface, unused here."""
-    del sequence_length, use_cached, num_epochs
-    texts = corpus_split(split)
-    ds = tf.data.Dataset.from_tensor_slices({"text": list(texts)})
-    if shuffle:
-      ds = ds.shuffle(len(texts), seed=seed, reshuffle_each_iteration=True)
-    if shard_info is not None:
-      ds = ds.shard(shard_info.num_shards, shard_info.index)
-    return ds
+    super().__init__(corpus_split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +130,8 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int, model_path: str) 
   concurrent writers of the same model never leave a truncated file behind.
   """
   lines = [line.strip() for text in texts for line in text.splitlines() if line.strip()]
+  if len(lines) > _SPM_MAX_SENTENCES:  # an evenly spaced sample, deterministic
+    lines = lines[::-(-len(lines) // _SPM_MAX_SENTENCES)]
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model,
                                  vocab_size=vocab_size, **_SPM_OPTIONS)
@@ -166,26 +148,37 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int, model_path: str) 
   return model_path
 
 
+# Corpora a default vocabulary can be trained on: name -> training documents.
+VOCABULARY_CORPORA: dict[str, Callable[[], Sequence[str]]] = {
+    "pydocs": lambda: corpus_split("train"),
+    "pystdlib": lambda: corpora.stdlib_split("train"),
+}
+
+
 @functools.cache
-def _pydocs_model_key(vocab_size: int) -> str:
+def _model_key(corpus: str, vocab_size: int) -> str:
   digest = hashlib.sha256()
-  for text in corpus_split("train"):
+  for text in VOCABULARY_CORPORA[corpus]():
     digest.update(text.encode())
     digest.update(b"\0")
   digest.update(json.dumps(dict(_SPM_OPTIONS, vocab_size=vocab_size), sort_keys=True).encode())
   return digest.hexdigest()[:16]
 
 
-def default_sentencepiece_model(vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
-  """Path of the embedded corpus' SentencePiece model; trains it (~1 s) if it is not cached.
+def default_sentencepiece_model(vocab_size: int = DEFAULT_VOCAB_SIZE, corpus: str = "pydocs") -> str:
+  """Path of a corpus' SentencePiece model; trains it if it is not cached (pydocs ~1 s, the
+  stdlib ~1 min: on at most _SPM_MAX_SENTENCES of its lines).
 
   The file name holds a hash of the corpus and training options, so a new Python (new docs) or
   another vocab size gets its own file and an existing one is never retrained.
   """
-  name = f"pydocs_unigram_{vocab_size}_{_pydocs_model_key(vocab_size)}.model"
+  if corpus not in VOCABULARY_CORPORA:
+    raise ValueError(f"vocabulary corpus must be one of {sorted(VOCABULARY_CORPORA)}, "
+                     f"got {corpus!r}")
+  name = f"{corpus}_unigram_{vocab_size}_{_model_key(corpus, vocab_size)}.model"
   path = os.path.join(cache_dir(), name)
   if not os.path.exists(path):
-    train_sentencepiece(corpus_split("train"), vocab_size, path)
+    train_sentencepiece(VOCABULARY_CORPORA[corpus](), vocab_size, path)
   return path
 
 
@@ -202,15 +195,17 @@ def _load_vocabulary(path: str, extra_ids: int) -> seqio.SentencePieceVocabulary
 @gin.configurable
 def get_vocabulary(sentencepiece_model_file: str | None = None,
                    vocab_size: int = DEFAULT_VOCAB_SIZE,
-                   extra_ids: int = DEFAULT_EXTRA_IDS) -> seqio.SentencePieceVocabulary:
+                   extra_ids: int = DEFAULT_EXTRA_IDS,
+                   corpus: str = "pydocs") -> seqio.SentencePieceVocabulary:
   """The vocabulary of every task here (gin-configurable).
 
-  sentencepiece_model_file: a T5-style model (pad=0, eos=1, unk=2); None = the embedded corpus'
-  model with vocab_size pieces (vocab_size is ignored for a given file). extra_ids sentinels
-  are appended, <extra_id_0> = the last id. Total size: vocab_size + extra_ids.
+  sentencepiece_model_file: a T5-style model (pad=0, eos=1, unk=2); None = a model with
+  vocab_size pieces trained on `corpus` (one of VOCABULARY_CORPORA; vocab_size and corpus are
+  ignored for a given file). extra_ids sentinels are appended, <extra_id_0> = the last id.
+  Total size: vocab_size + extra_ids.
   """
   if sentencepiece_model_file is None:
-    sentencepiece_model_file = default_sentencepiece_model(vocab_size)
+    sentencepiece_model_file = default_sentencepiece_model(vocab_size, corpus)
   return _load_vocabulary(sentencepiece_model_file, extra_ids)
 
 
@@ -514,10 +509,41 @@ def register_tfds_task(name: str, tfds_name: str, text_key: str = "text",
   return _add_task(name, source, _text_to_targets(text_key), objective, vocabulary)
 
 
+MULTIDOMAIN_NUM_WORDS = 1024
+
+
+@functools.cache
+def multidomain_words(num_words: int = MULTIDOMAIN_NUM_WORDS) -> tuple[str, ...]:
+  """The multi-domain corpus' words: the default vocabulary's first num_words pieces that are
+  whole alphabetic words, so that each word is one token of that vocabulary."""
+  tokenizer = _load_vocabulary(default_sentencepiece_model(), DEFAULT_EXTRA_IDS).tokenizer
+  pieces = (tokenizer.id_to_piece(i) for i in range(tokenizer.get_piece_size()))
+  words = [p[1:] for p in pieces if p.startswith("\u2581") and p[1:].isalpha() and len(p) > 2]
+  if len(words) < num_words:
+    raise ValueError(f"the default vocabulary has {len(words)} whole-word pieces, fewer than "
+                     f"num_words={num_words}")
+  return tuple(words[:num_words])
+
+
+@gin.configurable
+def register_multidomain_task(name: str = "multidomain_span_corruption",
+                              objective: str = "span_corruption", num_domains: int = 8,
+                              num_words: int = MULTIDOMAIN_NUM_WORDS, successors: int = 8,
+                              seed: int = 0) -> str:
+  """Registers a task over the synthetic multi-domain corpus (corpora.MultiDomainSpec) with
+  other settings than the default `multidomain_*` tasks. Returns name (for gin)."""
+  spec = lambda: corpora.MultiDomainSpec(multidomain_words(num_words), num_domains=num_domains,
+                                         successors=successors, seed=seed)
+  return _add_task(name, corpora.MultiDomainSource(spec), _text_to_targets("text"), objective,
+                   None)
+
+
 def _register_default_tasks() -> None:
-  pydocs = PydocsSource()
-  _add_task("pydocs_span_corruption", pydocs, _text_to_targets("text"), "span_corruption", None)
-  _add_task("pydocs_prefix_lm", pydocs, _text_to_targets("text"), "prefix_lm", None)
+  for prefix, source in [("pydocs", PydocsSource()), ("pystdlib", corpora.StdlibSource())]:
+    for objective in _OBJECTIVES:
+      _add_task(f"{prefix}_{objective}", source, _text_to_targets("text"), objective, None)
+  for objective in _OBJECTIVES:
+    register_multidomain_task(f"multidomain_{objective}", objective)
   # Not via register_tfds_task: that one's gin bindings (a user's own task) must not leak in.
   _add_task("c4_v220_span_corruption", seqio.TfdsDataSource(tfds_name=C4_TFDS_NAME),
             _text_to_targets("text"), "span_corruption", None)
