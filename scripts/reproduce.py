@@ -1,0 +1,381 @@
+"""Paper claims at CPU scale, one command each: trains the variants, writes JSON + a plot.
+
+  python scripts/reproduce.py --list
+  python scripts/reproduce.py sample_efficiency [--seeds 0 1 2] [--steps 3000] [--scale mini]
+
+Every run is `python -m moe_jax.train` with the claim's gin files and bindings, in its own
+MODEL_DIR under --runs_dir (default runs/reproduce/<model>_<hash of the command>); a finished
+run is not trained again (its metrics reach the last step), so claims share their common runs
+and re-running a command only redoes the analysis. Results go to --out (default docs/results): <claim>.json (every
+curve, the figures, the commands, seeds, wall times and the Python version of the data) and
+<claim>.png (<claim>_mini.* at --scale mini); it prints the Markdown table that docs/results.md
+shows.
+
+--quick shrinks a claim to a smoke-sized run on the tiny models (the test suite checks the
+direction of the robust effects this way); its figures are not results.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One model set-up of a claim: a label, a model gin stem (`switch` -> gin/models/switch_<scale>
+  .gin) and gin bindings (NAME=VALUE), plus bindings that only apply at one scale."""
+  label: str
+  stem: str
+  bindings: tuple[str, ...] = ()
+  scale_bindings: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+  """A paper claim: its variants, the task, the run length and what to compare."""
+  title: str
+  paper: str
+  variants: tuple[Variant, ...]
+  task: str = "multidomain_span_corruption"
+  steps: int = 1500
+  seeds: tuple[int, ...] = (0,)
+  bindings: tuple[str, ...] = ()
+  analysis: str = "curves"  # curves | speedup | experts | capacity | balance
+
+
+# Scales: 'tiny' (d_model 128, 2+2 layers, 8 experts: ~5 min per 1500 steps on 2 cores) and
+# 'mini' (d_model 256, 4+4 layers, 16 experts: ~8x the compute).
+SCALES = ("tiny", "mini")
+# CPU-length runs: the T5 schedule with 1k warmup steps (lr 0.032, then 1/sqrt(step)) instead
+# of 10k (a constant 0.01 for the whole run), which learns faster at this length.
+COMMON_BINDINGS = ("WARMUP_STEPS=1000",)
+_DENSE = Variant("dense T5", "t5")
+_SWITCH = Variant("Switch", "switch")
+
+
+def _experts(e: int) -> Variant:
+  return _DENSE if e == 1 else Variant(f"{e} experts", "switch", (f"NUM_EXPERTS={e}",))
+
+
+CLAIMS: dict[str, Claim] = {
+    "sample_efficiency": Claim(
+        "Switch vs dense at equal FLOPs per token (multi-domain corpus)",
+        "Switch Transformer Fig. 1 / Table 1: Switch-Base reaches the dense model's quality "
+        "7x faster", (_DENSE, _SWITCH), seeds=(0, 1), analysis="speedup"),
+    "sample_efficiency_stdlib": Claim(
+        "Switch vs dense at equal FLOPs per token (Python stdlib source)",
+        "Switch Transformer Fig. 1 on a natural corpus", (_DENSE, _SWITCH),
+        task="pystdlib_span_corruption", bindings=("data.get_vocabulary.corpus='pystdlib'",),
+        analysis="speedup"),
+    "num_experts": Claim(
+        "More experts at equal FLOPs per token",
+        "Switch Transformer Fig. 4: quality improves monotonically with the number of experts",
+        tuple(_experts(e) for e in (1, 4, 8, 16, 32)), analysis="experts"),
+    "capacity_factor": Claim(
+        "Capacity factor (train 1.0 / 1.25 / 2.0, eval 2.0)",
+        "Switch Transformer Table 1: more capacity, fewer drops, better per step, slower",
+        tuple(Variant(f"cf {cf}", "switch", (f"TRAIN_CAPACITY_FACTOR={cf}",))
+              for cf in (1.0, 1.25, 2.0)), analysis="capacity"),
+    "routers": Claim(
+        "Routers at equal compute: Switch top-1, GShard top-2, expert choice",
+        "Switch Transformer Sec. 2.1 (top-1 is enough); Expert Choice (Zhou et al. 2022)",
+        (_SWITCH,
+         # top-2 doubles expert FLOPs: experts of half the hidden size keep the compute equal.
+         Variant("GShard top-2 (experts d_ff/2)", "gshard",
+                 scale_bindings=(("tiny", ("moe_layer.MoeLayer.d_ff=128",
+                                           "TRAIN_CAPACITY_FACTOR=1.25")),)),
+         Variant("expert choice (encoder), top-1 (decoder)", "expert_choice")),
+        analysis="curves"),
+    "load_balance": Claim(
+        "Load-balancing loss: weight 0 vs 0.01",
+        "Switch Transformer Sec. 2.2: without it the router collapses onto few experts",
+        (Variant("aux 0.01", "switch"), Variant("aux 0", "switch", ("AUX_LOSS_FACTOR=0.0",))),
+        analysis="balance"),
+    "z_loss": Claim(
+        "Router z-loss at a high learning rate",
+        "ST-MoE Sec. 3: the z-loss stabilises training without hurting quality",
+        (Variant("z-loss 0", "switch", ("LEARNING_RATE=5.0",)),
+         Variant("z-loss 1e-3", "switch", ("LEARNING_RATE=5.0", "ROUTER_Z_LOSS_FACTOR=0.001"))),
+        analysis="curves"),
+    "init_scale": Claim(
+        "Initialisation scale 1.0 vs 0.1 (all weights)",
+        "Switch Transformer Sec. 2.4 / Table 3: the reduced scale trains more stably",
+        (Variant("init 1.0", "switch"), Variant("init 0.1", "switch", ("INIT_SCALE=0.1",))),
+        seeds=(0, 1), analysis="curves"),
+}
+
+
+# ---- running ---------------------------------------------------------------------------------
+
+
+def _run_dir(runs_dir: str, cmd: Sequence[str]) -> str:
+  """A run's MODEL_DIR, named by its gin file and a hash of its command: claims that share a
+  run (e.g. the Switch baseline) train it once."""
+  gin_file = next(a for a in cmd if a.startswith("--gin_file=gin/models/"))
+  stem = os.path.basename(gin_file).removesuffix(".gin")
+  key = hashlib.sha256("\0".join(a for a in cmd[1:] if "MODEL_DIR" not in a).encode())
+  return os.path.join(runs_dir, f"{stem}_{key.hexdigest()[:10]}")
+
+
+def train_command(claim: Claim, variant: Variant, seed: int, steps: int, scale: str,
+                  quick: bool) -> list[str]:
+  """The `python -m moe_jax.train` command of one run (--quick: tiny models, small batches)."""
+  scale = "tiny" if quick else scale
+  bindings = [*COMMON_BINDINGS, f"TRAIN_STEPS={steps}", f"RANDOM_SEED={seed}",
+              f"MIXTURE_OR_TASK_NAME='{claim.task}'", f"EVAL_PERIOD={max(steps // 10, 1)}",
+              "EVAL_STEPS=20", f"CHECKPOINT_PERIOD={steps}", "KEEP_CHECKPOINTS=1",
+              f"STATS_PERIOD={max(steps // 100, 1)}"]
+  if quick:
+    bindings += ["BATCH_SIZE=16", "EVAL_STEPS=4",
+                 "TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"]
+  bindings += [*claim.bindings, *variant.bindings, *dict(variant.scale_bindings).get(scale, ())]
+  return [sys.executable, "-m", "moe_jax.train", f"--gin_file=gin/models/{variant.stem}_{scale}.gin",
+          "--gin_file=gin/runs/pretrain.gin", *[f"--gin.{b}" for b in bindings]]
+
+
+def with_model_dir(cmd: Sequence[str], model_dir: str) -> list[str]:
+  return [*cmd, f"--gin.MODEL_DIR='{model_dir}'"]
+
+
+def read_metrics(model_dir: str) -> tuple[list[dict], list[dict]]:
+  """metrics.jsonl -> (train rows, eval rows), one row per step (the last one written)."""
+  rows: dict[tuple[str, int], dict] = {}
+  with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      rows[(row.get("split", "train"), row["step"])] = row
+  train = [r for (split, _), r in sorted(rows.items()) if split == "train"]
+  evals = [r for (split, _), r in sorted(rows.items()) if split == "eval"]
+  return train, evals
+
+
+def _finished(model_dir: str, steps: int) -> bool:
+  try:
+    train, _ = read_metrics(model_dir)
+  except FileNotFoundError:
+    return False
+  return bool(train) and train[-1]["step"] >= steps
+
+
+def run_one(cmd: Sequence[str], model_dir: str, steps: int) -> float | None:
+  """Trains unless finished; returns the wall seconds of the training (None if skipped)."""
+  if _finished(model_dir, steps):
+    return None
+  os.makedirs(model_dir, exist_ok=True)
+  start = time.time()
+  with open(os.path.join(model_dir, "train.log"), "w") as log:
+    result = subprocess.run(cmd, cwd=_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
+  if result.returncode:
+    raise SystemExit(f"reproduce.py: error: run failed ({result.returncode}); see "
+                     f"{os.path.join(model_dir, 'train.log')}: {shlex.join(cmd)}")
+  return time.time() - start
+
+
+# ---- analysis --------------------------------------------------------------------------------
+
+
+def _eval_key(row: dict) -> str:
+  return next(k for k in row if k.startswith("eval/") and k.endswith("/loss"))
+
+
+def run_summary(model_dir: str, seconds: float | None) -> dict[str, Any]:
+  """Curves and end-of-run figures of one finished run."""
+  train, evals = read_metrics(model_dir)
+  moe_keys = sorted({k.rsplit("/", 1)[0] for k in train[-1] if k.startswith("moe/")})
+  loads = [np.array([r[f"{k}/expert_load"] for r in train]) for k in moe_keys]
+  summary = {
+      "eval_steps": [r["step"] for r in evals],
+      "eval_loss": [r[_eval_key(r)] for r in evals],
+      "train_steps": [r["step"] for r in train],
+      "train_xent": [r["cross_ent_loss"] for r in train],
+      "final_eval_loss": evals[-1][_eval_key(evals[-1])],
+      "tokens_per_second": float(np.median([r["tokens_per_second"] for r in train
+                                            if "tokens_per_second" in r])),
+      "train_seconds": seconds,
+  }
+  if moe_keys:
+    drops = [np.mean([r[f"{k}/fraction_dropped"] for k in moe_keys]) for r in train]
+    # Coefficient of variation of the expert load, mean over MoE layers, per stats period.
+    cv = np.mean([load.std(-1) / load.mean(-1) for load in loads], axis=0)
+    summary.update(fraction_dropped=[float(d) for d in drops], load_cv=cv.tolist(),
+                   final_fraction_dropped=float(np.mean(drops[-10:])),
+                   router_confidence=float(np.mean(
+                       [train[-1][f"{k}/router_confidence"] for k in moe_keys])))
+  return summary
+
+
+def steps_to_reach(steps: Sequence[int], loss: Sequence[float], target: float) -> float | None:
+  """First step where the (linearly interpolated) eval curve reaches target, or None."""
+  for i, (s, l) in enumerate(zip(steps, loss)):
+    if l <= target:
+      if i == 0:
+        return float(s)
+      s0, l0 = steps[i - 1], loss[i - 1]
+      return s0 + (s - s0) * (l0 - target) / (l0 - l)
+  return None
+
+
+def _mean_curve(runs: list[dict]) -> tuple[list[int], np.ndarray]:
+  return runs[0]["eval_steps"], np.mean([r["eval_loss"] for r in runs], axis=0)
+
+
+def figures(claim: Claim, results: dict[str, list[dict]]) -> dict[str, Any]:
+  """The claim's headline figures from the runs (label -> one summary per seed)."""
+  final = {label: float(np.mean([r["final_eval_loss"] for r in runs]))
+           for label, runs in results.items()}
+  out: dict[str, Any] = {"final_eval_loss": final,
+                         "final_eval_loss_per_seed": {l: [r["final_eval_loss"] for r in runs]
+                                                      for l, runs in results.items()}}
+  labels = list(results)
+  if claim.analysis == "speedup":
+    dense, sparse = labels
+    steps, dense_curve = _mean_curve(results[dense])
+    _, sparse_curve = _mean_curve(results[sparse])
+    reach = steps_to_reach(steps, sparse_curve, dense_curve[-1])
+    out["steps_to_dense_final"] = reach
+    out["step_speedup"] = steps[-1] / reach if reach else None
+    tps = {l: np.mean([r["tokens_per_second"] for r in runs]) for l, runs in results.items()}
+    out["tokens_per_second"] = {l: float(v) for l, v in tps.items()}
+    out["time_speedup"] = (out["step_speedup"] * tps[sparse] / tps[dense]
+                           if reach else None)
+  if claim.analysis == "capacity":
+    out["fraction_dropped"] = {l: float(np.mean([r["final_fraction_dropped"] for r in runs]))
+                               for l, runs in results.items()}
+    out["tokens_per_second"] = {l: float(np.mean([r["tokens_per_second"] for r in runs]))
+                                for l, runs in results.items()}
+  if claim.analysis == "balance":
+    out["mean_load_cv"] = {l: float(np.mean([np.mean(r["load_cv"]) for r in runs]))
+                           for l, runs in results.items()}
+  return out
+
+
+def plot(claim: Claim, results: dict[str, list[dict]], path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  extra = claim.analysis in ("experts", "capacity", "balance")
+  fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(12 if extra else 6.5, 4),
+                           squeeze=False, layout="constrained")
+  ax = axes[0, 0]
+  for i, (label, runs) in enumerate(results.items()):
+    for r in runs:
+      ax.plot(r["eval_steps"], r["eval_loss"], color=f"C{i}", alpha=0.25, lw=0.8)
+    steps, curve = _mean_curve(runs)
+    ax.plot(steps, curve, color=f"C{i}", label=f"{label} ({len(runs)} seed"
+            f"{'s' if len(runs) > 1 else ''})", marker=".")
+  ax.set(xlabel="step", ylabel="eval cross-entropy (nats/token)", title=claim.title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  if extra:
+    ax = axes[0, 1]
+    if claim.analysis == "experts":
+      experts = [1 if "dense" in l else int(l.split()[0]) for l in results]
+      ax.plot(experts, [np.mean([r["final_eval_loss"] for r in runs])
+                        for runs in results.values()], marker="o")
+      ax.set(xscale="log", xlabel="experts (1 = dense)", ylabel="final eval cross-entropy",
+             title="Eval loss vs experts at equal FLOPs")
+      ax.set_xticks(experts, [str(e) for e in experts])
+    else:
+      key, name = (("fraction_dropped", "fraction of tokens dropped")
+                   if claim.analysis == "capacity" else ("load_cv", "expert-load CV"))
+      for i, (label, runs) in enumerate(results.items()):
+        ax.plot(runs[0]["train_steps"], np.mean([r[key] for r in runs], axis=0),
+                color=f"C{i}", label=label)
+      ax.set(xlabel="step", ylabel=name, title=name.capitalize() + " during training")
+      ax.legend()
+    ax.grid(alpha=0.3)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def table(claim_name: str, report: dict[str, Any]) -> str:
+  """A Markdown table of a claim's report (what docs/results.md shows)."""
+  f = report["figures"]
+  lines = [f"| variant | final eval xent (mean of {len(report['seeds'])} seed(s)) | per seed | "
+           "tokens/s | train wall s |", "|---|---|---|---|---|"]
+  for label, runs in report["runs"].items():
+    tps = np.mean([r["tokens_per_second"] for r in runs])
+    secs = [r["train_seconds"] for r in runs if r["train_seconds"]]
+    lines.append(f"| {label} | {f['final_eval_loss'][label]:.4f} | "
+                 + ", ".join(f"{x:.4f}" for x in f["final_eval_loss_per_seed"][label])
+                 + f" | {tps:.0f} | {np.mean(secs):.0f} |" if secs else " | – |")
+  extra = {k: v for k, v in f.items() if not k.startswith("final_eval_loss")}
+  if extra:
+    lines.append("")
+    lines += [f"- {k}: {json.dumps(v)}" for k, v in extra.items()]
+  return "\n".join(lines)
+
+
+def reproduce(name: str, *, seeds: Sequence[int] | None = None, steps: int | None = None,
+              scale: str = "tiny", quick: bool = False, runs_dir: str, out: str,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Runs (or reuses) every run of claim `name`, writes <out>/<name>.json and .png."""
+  claim = CLAIMS[name]
+  seeds = tuple(seeds) if seeds else claim.seeds
+  steps = steps or (60 if quick else claim.steps)
+  results: dict[str, list[dict]] = {}
+  commands = []
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  jobs = [(v, s) for v in claim.variants for s in seeds]
+  for variant, seed in tqdm(jobs, desc=name, unit="run"):
+    cmd = train_command(claim, variant, seed, steps, scale, quick)
+    model_dir = _run_dir(runs_dir, cmd)
+    cmd = with_model_dir(cmd, model_dir)
+    commands.append(shlex.join(["python", *cmd[1:]]))
+    seconds = run_one(cmd, model_dir, steps)
+    results.setdefault(variant.label, []).append(run_summary(model_dir, seconds))
+  report = {
+      "claim": name, "title": claim.title, "paper": claim.paper, "task": claim.task,
+      "steps": steps, "seeds": list(seeds), "scale": "tiny" if quick else scale, "quick": quick,
+      "python_version": platform.python_version(), "machine": platform.machine(),
+      "cpu_count": os.cpu_count(), "commands": commands,
+      "figures": figures(claim, results), "runs": results,
+  }
+  os.makedirs(out, exist_ok=True)
+  stem = os.path.join(out, name if scale == "tiny" or quick else f"{name}_{scale}")
+  with open(stem + ".json", "w") as f:
+    json.dump(report, f, indent=1)
+  plot(claim, results, stem + ".png")
+  log(table(name, report))
+  return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n")[0])
+  parser.add_argument("claim", nargs="?", help="one of --list")
+  parser.add_argument("--list", action="store_true", help="list the claims")
+  parser.add_argument("--seeds", type=int, nargs="+")
+  parser.add_argument("--steps", type=int)
+  parser.add_argument("--scale", choices=SCALES, default="tiny",
+                      help="model size: gin/models/<stem>_<scale>.gin")
+  parser.add_argument("--quick", action="store_true", help="smoke-sized runs (not results)")
+  parser.add_argument("--runs_dir", default=os.path.join(_ROOT, "runs", "reproduce"))
+  parser.add_argument("--out", default=os.path.join(_ROOT, "docs", "results"))
+  args = parser.parse_args(argv)
+  if args.list or not args.claim:
+    for name, claim in CLAIMS.items():
+      print(f"{name:25s} {claim.title} ({len(claim.variants)} variants x "
+            f"{len(claim.seeds)} seed(s), {claim.steps} steps on {claim.task})")
+    return 0
+  if args.claim not in CLAIMS:
+    parser.error(f"claim: unknown {args.claim!r}; one of {', '.join(CLAIMS)}")
+  reproduce(args.claim, seeds=args.seeds, steps=args.steps, scale=args.scale, quick=args.quick,
+            runs_dir=args.runs_dir, out=args.out)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
