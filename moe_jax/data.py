@@ -165,7 +165,8 @@ def _model_key(corpus: str, vocab_size: int) -> str:
   return digest.hexdigest()[:16]
 
 
-def default_sentencepiece_model(vocab_size: int = DEFAULT_VOCAB_SIZE, corpus: str = "pydocs") -> str:
+def default_sentencepiece_model(vocab_size: int = DEFAULT_VOCAB_SIZE,
+                                corpus: str = "pydocs") -> str:
   """Path of a corpus' SentencePiece model; trains it if it is not cached (pydocs ~1 s, the
   stdlib ~1 min: on at most _SPM_MAX_SENTENCES of its lines).
 

@@ -61,6 +61,20 @@ def test_stdlib_task_records_the_python_version():
   assert source.python_version == platform.python_version()
 
 
+def test_stdlib_vocabulary_tokenizes_code_more_compactly():
+  with pytest.raises(ValueError, match="pystdlib"):
+    data.get_vocabulary(corpus="pystdlib_typo")
+  code = data.get_vocabulary(corpus="pystdlib")  # trained on the train split (~30 s), cached
+  docs = data.get_vocabulary()
+  assert code.sentencepiece_model_file != docs.sentencepiece_model_file
+  assert code.vocab_size == docs.vocab_size == 2100
+  assert (code.tokenizer.pad_id(), code.eos_id, code.unk_id) == (0, 1, 2)
+  held_out = "\n\n".join(corpora.stdlib_split("validation")[:20])
+  # A vocabulary fitted to source code needs clearly fewer tokens for unseen source code
+  # (CPython 3.11: 0.81x the documentation vocabulary's count).
+  assert len(code.encode(held_out)) < 0.9 * len(docs.encode(held_out))
+
+
 @pytest.fixture(scope="module")
 def spec():
   return corpora.MultiDomainSpec(data.multidomain_words(), num_domains=4, successors=6,
