@@ -150,6 +150,17 @@ def with_model_dir(cmd: Sequence[str], model_dir: str) -> list[str]:
   return [*cmd, f"--gin.MODEL_DIR='{model_dir}'"]
 
 
+def display_command(cmd: Sequence[str]) -> str:
+  """A run's command as a person would type it from the repo root: `python`, paths relative to
+  the root, gin strings inside double quotes."""
+  def quote(arg: str) -> str:
+    arg = arg.replace(_ROOT + os.sep, "")
+    if not any(c in arg for c in "\"$`\\") and "'" in arg:
+      return f'"{arg}"'
+    return shlex.quote(arg)
+  return " ".join(["python", *map(quote, cmd[1:])])
+
+
 def read_metrics(model_dir: str) -> tuple[list[dict], list[dict]]:
   """metrics.jsonl -> (train rows, eval rows), one row per step (the last one written)."""
   rows: dict[tuple[str, int], dict] = {}
@@ -309,9 +320,10 @@ def table(claim_name: str, report: dict[str, Any]) -> str:
   for label, runs in report["runs"].items():
     tps = np.mean([r["tokens_per_second"] for r in runs])
     secs = [r["train_seconds"] for r in runs if r["train_seconds"]]
+    wall = f"{np.mean(secs):.0f}" if secs else "–"
     lines.append(f"| {label} | {f['final_eval_loss'][label]:.4f} | "
                  + ", ".join(f"{x:.4f}" for x in f["final_eval_loss_per_seed"][label])
-                 + f" | {tps:.0f} | {np.mean(secs):.0f} |" if secs else " | – |")
+                 + f" | {tps:.0f} | {wall} |")
   extra = {k: v for k, v in f.items() if not k.startswith("final_eval_loss")}
   if extra:
     lines.append("")
@@ -334,7 +346,7 @@ def reproduce(name: str, *, seeds: Sequence[int] | None = None, steps: int | Non
     cmd = train_command(claim, variant, seed, steps, scale, quick)
     model_dir = _run_dir(runs_dir, cmd)
     cmd = with_model_dir(cmd, model_dir)
-    commands.append(shlex.join(["python", *cmd[1:]]))
+    commands.append(display_command(cmd))
     seconds = run_one(cmd, model_dir, steps)
     results.setdefault(variant.label, []).append(run_summary(model_dir, seconds))
   report = {
