@@ -166,6 +166,9 @@ def run(entry: Callable[[], Any], argv: Sequence[str] | None, prog: str,
 
 def _exit(prog: str, message: str, status: int):
   print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+  # Background threads of a failed save may still report to a closed event loop while the
+  # interpreter shuts down; the line above already said what happened.
+  sys.unraisablehook = lambda unraisable: None
   sys.exit(status)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from typing import Any, Iterator
 
 import jax
@@ -28,39 +29,78 @@ CORRUPT_SUFFIX = ".corrupt"
 
 class _OrbaxErrors(logging.Filter):
   """Keeps orbax's logged exceptions (tracebacks of a failed background save or restore) off
-  stderr and remembers the last one, which is reported in one line. quiet: also orbax's
-  warnings (while probing checkpoints that may be broken)."""
+  stderr and remembers the first one since `reset()`, which is reported in one line (later
+  ones are consequences). quiet: also orbax's warnings (while probing checkpoints that may be
+  broken)."""
 
   def __init__(self, quiet: bool = False):
     super().__init__()
     self.quiet = quiet
-    self.last: BaseException | None = None
+    self.first: BaseException | None = None
+
+  def reset(self) -> None:
+    self.first = None
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if "orbax" not in record.pathname:
-      return True
-    if record.exc_info:
-      self.last = record.exc_info[1]
+    if record.exc_info and _through_orbax(record.exc_info[2]):
+      self.first = self.first or record.exc_info[1]
       return False
-    return not (self.quiet and record.levelno < logging.ERROR)
+    return not (self.quiet and "orbax" in record.pathname and record.levelno < logging.ERROR)
+
+  def install(self) -> None:
+    # asyncio logs the unretrieved exceptions of orbax's writer tasks ("Task exception was
+    # never retrieved") on its own logger.
+    for name in ("absl", "asyncio"):
+      logging.getLogger(name).addFilter(self)
+
+  def remove(self) -> None:
+    for name in ("absl", "asyncio"):
+      logging.getLogger(name).removeFilter(self)
+
+
+def _ignore_closed_loop_callbacks() -> None:
+  """After a failed read or write, orbax's threads may still call back into an event loop it
+  closed; Python prints each as an 'Exception ignored' traceback. They are consequences of the
+  error reported in one line, so this process-wide hook drops them (and only them)."""
+  previous = sys.unraisablehook
+  if getattr(previous, "moe_jax_closed_loop", False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+  hook.moe_jax_closed_loop = True
+  sys.unraisablehook = hook
+
+
+def _through_orbax(tb: Any) -> bool:
+  while tb is not None:
+    if "orbax" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
 
 
 @contextlib.contextmanager
 def _orbax_quiet() -> Iterator[_OrbaxErrors]:
   errors = _OrbaxErrors(quiet=True)
-  logger = logging.getLogger("absl")
-  logger.addFilter(errors)
+  errors.install()
+  _ignore_closed_loop_callbacks()
   try:
     yield errors
   finally:
-    logger.removeFilter(errors)
+    errors.remove()
 
 
 def _cause(error: BaseException | None) -> str:
   if error is None:
     return "the background save did not complete"
   text = (str(error).strip().splitlines() or [""])[0].split(" See full TensorStore")[0]
-  return f"{type(error).__name__}: {text}"[:300]
+  text = f"{type(error).__name__}: {text}"
+  # Storage errors name every path on the way first and the reason (e.g. "File too large")
+  # last: keep both ends.
+  return text if len(text) <= 300 else f"{text[:140]} ... {text[-140:]}"
 
 
 def is_complete(model_dir: str, step: int) -> bool:
@@ -115,12 +155,15 @@ class CheckpointPolicy:
     self.model_dir, self.keep, self.params_dtype = model_dir, keep, params_dtype
     self.manager = orbax_utils.make_manager(model_dir, max_to_keep=None)
     self._errors = _OrbaxErrors()
-    logging.getLogger("absl").addFilter(self._errors)
+    self._errors.install()
+    _ignore_closed_loop_callbacks()
     self._pending: int | None = None
+    self._failed = False
 
   def save(self, step: int, *, params: Any, train_state: Any, data_state: Any) -> str:
     """Starts writing checkpoint_<step> (after the previous save is confirmed)."""
     self.wait()
+    self._errors.reset()
     orbax_utils.save(self.manager, step, params=params, train_state=train_state,
                      data_state=data_state, params_dtype=self.params_dtype)
     self._pending = step
@@ -143,9 +186,11 @@ class CheckpointPolicy:
     if jax.process_index() != 0:
       return
     if not is_complete(self.model_dir, step):
+      self._close_manager()  # lets orbax's remaining writer threads end before the clean-up
       remove_temporaries(self.model_dir)
+      self._failed = True  # stragglers of those threads may still log: the filter stays
       raise RunError(f"checkpoint save failed: {orbax_utils.step_dir(self.model_dir, step)}: "
-                     f"{_cause(self._errors.last)}")
+                     f"{_cause(self._errors.first)}")
     if self.keep is not None:
       for old in orbax_utils.latest_steps(self.model_dir)[:-self.keep]:
         epath.Path(orbax_utils.step_dir(self.model_dir, old)).rmtree(missing_ok=True)
@@ -155,6 +200,14 @@ class CheckpointPolicy:
     try:
       self.wait()
     finally:
-      with contextlib.suppress(Exception):
+      self._close_manager()
+      if self._failed:  # again: writer threads of the failed save may have added files since
+        remove_temporaries(self.model_dir)
+      else:
+        self._errors.remove()
+
+  def _close_manager(self) -> None:
+    if self.manager is not None:
+      with contextlib.suppress(Exception):  # a failed save's error is reported by _confirm
         self.manager.close()
-      logging.getLogger("absl").removeFilter(self._errors)
+      self.manager = None
