@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
+import time
 from typing import Any, Iterator
 
 import jax
@@ -72,6 +74,17 @@ def _ignore_closed_loop_callbacks() -> None:
       previous(unraisable)
   hook.moe_jax_closed_loop = True
   sys.unraisablehook = hook
+
+
+def _join_orbax_threads(timeout: float = 60.0) -> None:
+  """Waits (up to `timeout` seconds in all) for orbax's background threads, e.g. a failed
+  save's other writers, to end."""
+  deadline = time.time() + timeout
+  for thread in threading.enumerate():
+    target = getattr(thread, "_target", None)  # plain threads running an orbax function
+    if thread is not threading.current_thread() and "orbax" in (
+        type(thread).__module__ + getattr(target, "__module__", "")):
+      thread.join(max(deadline - time.time(), 0.0))
 
 
 def _through_orbax(tb: Any) -> bool:
@@ -186,7 +199,8 @@ class CheckpointPolicy:
     if jax.process_index() != 0:
       return
     if not is_complete(self.model_dir, step):
-      self._close_manager()  # lets orbax's remaining writer threads end before the clean-up
+      self._close_manager()
+      _join_orbax_threads()  # its remaining writers would re-create what the clean-up removes
       remove_temporaries(self.model_dir)
       self._failed = True  # stragglers of those threads may still log: the filter stays
       raise RunError(f"checkpoint save failed: {orbax_utils.step_dir(self.model_dir, step)}: "
