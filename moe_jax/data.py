@@ -23,6 +23,7 @@ state, and the same global stream for any number of processes (fixed num_shards)
 """
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import io
@@ -186,6 +187,13 @@ def default_sentencepiece_model(vocab_size: int = DEFAULT_VOCAB_SIZE,
 @functools.cache
 def _load_vocabulary(path: str, extra_ids: int) -> seqio.SentencePieceVocabulary:
   vocab = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+  try:
+    vocab.tokenizer  # pylint: disable=pointless-statement  (loads the file)
+  except Exception as e:  # noqa: BLE001  missing, unreadable, not a SentencePiece model
+    from moe_jax.validation import SettingError  # pylint: disable=import-outside-toplevel
+    raise SettingError("data.get_vocabulary.sentencepiece_model_file",
+                       f"{path} is not a readable SentencePiece model "
+                       f"({type(e).__name__}: {str(e).strip()[:120]})") from None
   ids = (vocab.tokenizer.pad_id(), vocab.eos_id, vocab.unk_id)
   if ids != (0, 1, 2):
     raise ValueError(f"sentencepiece_model_file {path} has (pad, eos, unk) ids {ids}; "
@@ -551,6 +559,44 @@ def _register_default_tasks() -> None:
 
 
 _register_default_tasks()
+
+
+def check_task(mixture_or_task_name: str, splits: Sequence[str]) -> int:
+  """Validates a task or mixture before training: registered, has the splits, its text files
+  exist and are non-empty UTF-8 (the first MiB of each), its vocabulary loads. Returns the
+  vocabulary size; raises validation.SettingError."""
+  from moe_jax.validation import SettingError  # pylint: disable=import-outside-toplevel
+  try:
+    provider = seqio.get_mixture_or_task(mixture_or_task_name)
+  except ValueError:
+    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    raise SettingError("MIXTURE_OR_TASK_NAME", f"unknown task or mixture "
+                       f"{mixture_or_task_name!r}; registered: {', '.join(known)}") from None
+  for task in getattr(provider, "tasks", None) or [provider]:
+    for split in splits:
+      if split not in task.source.splits:
+        raise SettingError("SPLIT", f"task {task.name!r} has no split {split!r}; it has "
+                                    f"{', '.join(task.source.splits)}")
+      if isinstance(task.source, seqio.TextLineDataSource):
+        _check_text_files(task.name, split, task.source.list_shards(split))
+  return provider.output_features["targets"].vocabulary.vocab_size
+
+
+def _check_text_files(task: str, split: str, files: Sequence[str]) -> None:
+  from moe_jax.validation import SettingError  # pylint: disable=import-outside-toplevel
+  setting = f"data.register_text_files_task.{split}_files"
+  if not files:
+    raise SettingError(setting, f"no file matches the {split} pattern of task {task!r}")
+  if all(tf.io.gfile.stat(f).length == 0 for f in files):
+    raise SettingError(setting, f"the {split} files of task {task!r} are empty: {files[:3]}")
+  for path in files:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      head = f.read(1 << 20)
+    try:  # incremental: a character cut at the 1 MiB boundary is not an error
+      codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as e:
+      raise SettingError(setting, f"{path} is not UTF-8 text (byte {e.start}: "
+                                  f"{head[e.start:e.start + 4]!r})") from None
 
 
 # ---------------------------------------------------------------------------------------------

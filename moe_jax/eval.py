@@ -17,9 +17,11 @@ import gin
 import jax
 from etils import epath
 
+from moe_jax import metrics_writer
 from moe_jax import partitioning
 from moe_jax import train
 from moe_jax import trainer as trainer_lib
+from moe_jax import validation
 from moe_jax.checkpoints import orbax_utils
 
 
@@ -37,8 +39,11 @@ def evaluate(*, model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
     [EVAL_OUTPUT_DIR]. eval_steps: batches per task (None: the whole split, one process only).
   Returns {'step': s, '<task>/loss': ..., '<task>/accuracy': ..., '<task>/num_tokens': ...}.
   """
+  validation.integer("EVAL_STEPS", eval_steps, minimum=1,
+                     allow_none=jax.process_count() == 1)
   trainer, params, model_dir, step = trainer_lib.restore_for_inference(
-      model, partitioner, task_feature_lengths, batch_size, pack, checkpoint_path)
+      model, partitioner, task_feature_lengths, batch_size, pack, checkpoint_path,
+      mixture_or_task_name, split)
   batches = {task: trainer_lib.eval_batches(
       task, task_feature_lengths=task_feature_lengths, batch_size=batch_size, split=split,
       eval_steps=eval_steps, pack=pack) for task in trainer_lib.task_names(mixture_or_task_name)}
@@ -46,7 +51,7 @@ def evaluate(*, model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
   output_dir = orbax_utils.absolute(output_dir or os.path.join(model_dir, "eval"))
   if jax.process_index() == 0:
     epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
-    logger = trainer_lib.MetricsLogger(output_dir, None)
+    logger = metrics_writer.MetricsLogger(output_dir, None)
     logger.write(step, results)
     logger.close()
     (epath.Path(output_dir) / "eval_results.json").write_text(json.dumps(

@@ -24,6 +24,7 @@ from moe_jax import models
 from moe_jax import partitioning
 from moe_jax import train
 from moe_jax import trainer as trainer_lib
+from moe_jax import validation
 from moe_jax.checkpoints import orbax_utils
 
 
@@ -49,16 +50,24 @@ def infer(*, model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
   checkpoint_path [CHECKPOINT_PATH]: a checkpoint_<step> directory or a model dir.
   output_dir [INFER_OUTPUT_DIR]: default <model dir>/infer. Examples are not packed; the last
   partial batch of the split is dropped (as in training). max_decode_length defaults to
-  TASK_FEATURE_LENGTHS['targets'].
+  TASK_FEATURE_LENGTHS['targets']. partitioner: default all devices on 'data'.
   """
+  partitioner = partitioner or partitioning.Partitioner()
+  validation.choice("DECODE_METHOD", decode_method, ("greedy", "sample", "beam"))
+  validation.number("TEMPERATURE", temperature, minimum=0.0)
+  validation.integer("infer.top_k", top_k, minimum=0)
+  validation.integer("BEAM_SIZE", beam_size, minimum=1)
+  validation.number("infer.alpha", alpha, minimum=0.0)
+  validation.integer("infer.max_decode_length", max_decode_length, minimum=1, allow_none=True)
+  validation.integer("MAX_BATCHES", max_batches, minimum=1,
+                     allow_none=jax.process_count() == 1)
   trainer, params, model_dir, step = trainer_lib.restore_for_inference(
-      model, partitioner, task_feature_lengths, batch_size, False, checkpoint_path)
+      model, partitioner, task_feature_lengths, batch_size, False, checkpoint_path,
+      mixture_or_task_name, split)
   trainer_lib.data_module()  # registers the tasks
   import seqio  # after data_module: TensorFlow starts only now
   vocabulary = seqio.get_mixture_or_task(mixture_or_task_name).output_features[
       "targets"].vocabulary
-  if jax.process_count() > 1 and max_batches is None:
-    raise ValueError("several processes need infer.max_batches (shards may differ in length)")
   batches = trainer_lib.eval_batches(
       mixture_or_task_name, task_feature_lengths=task_feature_lengths, batch_size=batch_size,
       split=split, eval_steps=max_batches, pack=False, seed=seed)

@@ -15,8 +15,11 @@ Flags (shared by moe_jax.eval and moe_jax.infer):
   --gin_search_paths=P comma-separated directories searched for gin files.
   --coordinator_address, --process_count, --process_index: multi-process runs
                        (jax.distributed; default: the MOE_JAX_* environment variables).
-A bad flag, file or binding prints one line on stderr and exits with status 2 before any model
-is built or compiled.
+  --verbose            show the full traceback of an error (or MOE_JAX_VERBOSE=1).
+A bad flag, file, binding or setting prints one line `<prog>: error: <setting>: <problem>` on
+stderr and exits with status 2 before anything is compiled (moe_jax/validation.py); a run that
+cannot go on (divergence, a failed checkpoint save, a MODEL_DIR in use) prints one line and
+exits with status 1.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import jax
 from moe_jax import config
 from moe_jax import partitioning
 from moe_jax import trainer
+from moe_jax import validation
 
 _MACRO = re.compile(r"\s*([A-Z][A-Z0-9_]*)\s*=")
 
@@ -57,6 +61,7 @@ def parse_flags(argv: Sequence[str], prog: str) -> argparse.Namespace:
   parser.add_argument("--coordinator_address", default=None)
   parser.add_argument("--process_count", type=int, default=None)
   parser.add_argument("--process_index", type=int, default=None)
+  parser.add_argument("--verbose", action="store_true")
   rest, bindings = [], []
   for arg in argv:
     if arg.startswith("--gin."):
@@ -126,24 +131,45 @@ def run(entry: Callable[[], Any], argv: Sequence[str] | None, prog: str,
         default_model_dir: bool = False) -> Any:
   """Parse flags and gin, start multi-process JAX if asked, call `entry()` (a gin configurable).
 
-  Returns entry's result; a usage error prints one line and exits with status 2.
+  Returns entry's result. A usage or setting error prints one line and exits with status 2, a
+  validation.RunError one line and status 1; --verbose (or MOE_JAX_VERBOSE=1) re-raises them
+  with their traceback.
   """
   argv = sys.argv[1:] if argv is None else list(argv)
+  verbose = "--verbose" in argv or os.environ.get("MOE_JAX_VERBOSE", "") not in ("", "0")
   try:
     args = parse_flags(argv, prog)
     parse_gin(args.gin_files, args.gin_bindings, args.gin_search_paths, default_model_dir)
   except UsageError as e:
-    print(f"{prog}: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _exit(prog, str(e), 2)
   partitioning.initialize_multihost(args.coordinator_address, args.process_count,
                                     args.process_index)
   try:
     return entry()
-  except RuntimeError as e:
-    if "Required bindings" not in str(e):
+  except (validation.SettingError, validation.RunError) as e:
+    if verbose:
       raise
-    print(f"{prog}: error: {str(e).strip()} (set them with --gin.NAME=VALUE)", file=sys.stderr)
-    sys.exit(2)
+    _exit(prog, str(e).strip().splitlines()[0], e.exit_status)
+  except RuntimeError as e:
+    if "Required bindings" not in str(e) or verbose:
+      raise
+    _exit(prog, f"{str(e).strip()} (set them with --gin.NAME=VALUE)", 2)
+  except (ValueError, TypeError) as e:
+    # A configurable's own check while gin builds entry's arguments or the model (a router or
+    # layer setting): gin appends "In call to configurable 'X'" (innermost first), naming it.
+    # Raised by the entry itself, it is a bug: the traceback stays.
+    where = re.search(r"In call to configurable '([^']+)'", str(e))
+    if not where or where.group(1) == getattr(entry, "__name__", None) or verbose:
+      raise
+    _exit(prog, f"{where.group(1)}: {str(e).strip().splitlines()[0]}", 2)
+
+
+def _exit(prog: str, message: str, status: int):
+  print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+  # Background threads of a failed save may still report to a closed event loop while the
+  # interpreter shuts down; the line above already said what happened.
+  sys.unraisablehook = lambda unraisable: None
+  sys.exit(status)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,6 +6,11 @@
   explicit shardings) -> metrics (TensorBoard via clu, MODEL_DIR/metrics.jsonl, tqdm)
   -> orbax checkpoints every CHECKPOINT_PERIOD steps, the last step and on SIGTERM.
 
+Reliability pieces live in their own modules: validation (every setting, before compiling),
+checkpoints/policy (restore the newest good checkpoint, confirm saves, rotate), model_dir (the
+run lock, room to write), metrics_writer (TensorBoard, metrics.jsonl); the non-finite guard is
+part of the train step (Trainer).
+
 The optimizer factories (`adafactor`, `adamw`) take the params' logical axis names and return
 the update direction for a learning rate of 1; the train step multiplies it by
 `learning_rate_fn(step)`, evaluated in Python on the host and passed in. So the schedule
@@ -17,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import os
 import signal
@@ -36,8 +40,12 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax import adafactor as adafactor_lib
+from moe_jax import metrics_writer
+from moe_jax import model_dir as model_dir_lib
 from moe_jax import partitioning
+from moe_jax import validation
 from moe_jax.checkpoints import orbax_utils
+from moe_jax.checkpoints import policy
 
 Array = jax.Array
 PyTree = Any
@@ -57,6 +65,8 @@ def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000,
   Constant base/sqrt(warmup) for the first warmup_steps, then inverse square-root decay (T5 and
   Switch: base 1.0, warmup 10k). linear_warmup additionally ramps it from 0 over the warmup.
   """
+  validation.number("LEARNING_RATE", base_learning_rate, minimum=0.0)
+  validation.integer("WARMUP_STEPS", warmup_steps, minimum=1)
   def schedule(step: int) -> float:
     lr = base_learning_rate / math.sqrt(max(step, warmup_steps))
     if linear_warmup:
@@ -68,6 +78,7 @@ def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000,
 @gin.configurable
 def constant_schedule(learning_rate: float = 1e-3) -> Schedule:
   """A constant learning rate (t5x finetuning uses 1e-3 with Adafactor)."""
+  validation.number("LEARNING_RATE", learning_rate, minimum=0.0)
   return lambda step: learning_rate
 
 
@@ -130,6 +141,8 @@ class TrainState:
   params: PyTree
   opt_state: PyTree
   rng: Array         # uint32 [2]: the run's base key; step s uses fold_in(rng, s)
+  # int32 []: consecutive steps with a non-finite loss, gradient or update (not checkpointed).
+  nonfinite_streak: Array
 
 
 def batch_shapes(task_feature_lengths: Mapping[str, int], batch_size: int,
@@ -159,15 +172,21 @@ class Trainer:
     function returning any optax chain); only needed for train_step.
   num_microbatches: the global batch is split into this many slices whose gradients are
     accumulated (token-weighted, see `_microbatch_grads`) before one optimizer update.
+  max_nonfinite_skips: the non-finite guard, on device: a step whose loss, gradient norm or
+    updated params are not finite leaves params and optimizer state as they were. Once more
+    than max_nonfinite_skips such steps came in a row (0: the first), every later update is
+    skipped too (the state stays the last finite one) until the host sees `nonfinite_streak`
+    in the metrics and stops the run.
   """
 
   def __init__(self, model: Any, partitioner: partitioning.Partitioner,
                input_shapes: Mapping[str, tuple[int, ...]],
                optimizer: OptimizerFactory | None = None, *,
                num_microbatches: int = 1,
-               grad_clip_norm: float | None = None):
+               grad_clip_norm: float | None = None, max_nonfinite_skips: int = 0):
     self.model, self.partitioner = model, partitioner
     self.num_microbatches = int(num_microbatches)
+    self.max_nonfinite_skips = max_nonfinite_skips
     batch_size = next(iter(input_shapes.values()))[0]
     if self.num_microbatches < 1 or batch_size % self.num_microbatches:
       raise ValueError(f"num_microbatches={num_microbatches} must divide the batch size "
@@ -188,7 +207,8 @@ class Trainer:
     replicated = NamedSharding(partitioner.mesh, P())
     self.replicated = replicated
     self.state_shardings = TrainState(step=replicated, params=self.params_shardings,
-                                      opt_state=self.opt_shardings, rng=replicated)
+                                      opt_state=self.opt_shardings, rng=replicated,
+                                      nonfinite_streak=replicated)
     self._train_step = None
     self._eval_step = None
 
@@ -199,7 +219,8 @@ class Trainer:
     def init(rng):
       params = nn.unbox(self.model.get_initial_variables(rng, self.input_shapes))["params"]
       return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        opt_state=self.optimizer.init(params), rng=rng)
+                        opt_state=self.optimizer.init(params), rng=rng,
+                        nonfinite_streak=jnp.zeros((), jnp.int32))
     rng = jax.device_put(jax.random.PRNGKey(seed), self.replicated)
     lowered = self.partitioner.jit(init, in_shardings=(self.replicated,),
                                    out_shardings=self.state_shardings).lower(rng)
@@ -212,9 +233,22 @@ class Trainer:
     """A train state around given params with a fresh optimizer state (finetune, upcycle)."""
     opt_state = self.partitioner.jit(self.optimizer.init, in_shardings=(self.params_shardings,),
                                      out_shardings=self.opt_shardings)(params)
-    return TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), self.replicated),
-                      params=params, opt_state=opt_state,
-                      rng=jax.device_put(jax.random.PRNGKey(seed), self.replicated))
+    return self.state_from_items(params, {"step": step, "opt_state": opt_state,
+                                          "rng": jax.random.PRNGKey(seed)})
+
+  def state_from_items(self, params: PyTree, train_state: Mapping[str, Any]) -> TrainState:
+    """A TrainState from params and the orbax 'train_state' item (step, rng, opt_state)."""
+    replicate = lambda x, dtype: jax.device_put(jnp.asarray(x, dtype), self.replicated)  # noqa: E731
+    return TrainState(step=replicate(train_state["step"], jnp.int32), params=params,
+                      opt_state=train_state["opt_state"],
+                      rng=replicate(train_state["rng"], jnp.uint32),
+                      nonfinite_streak=replicate(0, jnp.int32))
+
+  def checkpoint_bytes(self) -> int:
+    """Bytes of one checkpoint (params and optimizer state at their dtypes, all shards)."""
+    opt = jax.eval_shape(self.optimizer.init, self.abstract_params)
+    return sum(x.size * x.dtype.itemsize
+               for x in jax.tree.leaves((self.abstract_params, opt)))
 
   def abstract_train_state(self) -> dict[str, Any]:
     """The orbax 'train_state' item (step, rng, opt_state) as ShapeDtypeStructs with shardings."""
@@ -285,8 +319,20 @@ class Trainer:
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = jax.tree.map(lambda p, u: p + (lr * u).astype(p.dtype), state.params, updates)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-    metrics = dict(metrics, learning_rate=lr, grad_norm=grad_norm)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    # The non-finite guard (see the class docstring): no host sync, the host reads the streak
+    # with the period's metrics.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+    halted = state.nonfinite_streak > self.max_nonfinite_skips
+    apply = finite & ~halted
+    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)  # noqa: E731
+    streak = jnp.where(halted, state.nonfinite_streak,
+                       jnp.where(finite, 0, state.nonfinite_streak + 1))
+    metrics = dict(metrics, learning_rate=lr, grad_norm=grad_norm,
+                   nonfinite_skipped=(~apply).astype(jnp.float32), nonfinite_streak=streak)
+    return state.replace(step=state.step + 1, params=keep_old(params, state.params),
+                         opt_state=keep_old(opt_state, state.opt_state),
+                         nonfinite_streak=streak), metrics
 
   def train_step(self, state: TrainState, batch: Mapping[str, Array], learning_rate: float
                  ) -> tuple[TrainState, dict[str, Array]]:
@@ -307,71 +353,6 @@ class Trainer:
           in_shardings=(self.params_shardings, self.batch_shardings(batch)),
           out_shardings=self.replicated)
     return self._eval_step(params, batch)
-
-
-# ---- metrics --------------------------------------------------------------------------------
-
-
-def average_metrics(history: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Mean over steps; num_tokens is summed."""
-  out = {}
-  for key in history[0]:
-    values = np.stack([np.asarray(h[key], np.float64) for h in history])
-    out[key] = values.sum(0) if key == "num_tokens" else values.mean(0)
-  return out
-
-
-def moe_summary(metrics: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """Per-layer MoE metrics ('moe/<layer>/<name>') -> means over layers and expert loads."""
-  by_name: dict[str, list[float]] = {}
-  loads = {}
-  for key, value in metrics.items():
-    if not key.startswith("moe/"):
-      continue
-    layer, name = key[len("moe/"):].rsplit("/", 1)
-    if name == "expert_load":
-      loads[layer] = np.asarray(value)
-    elif np.ndim(value) == 0:
-      by_name.setdefault(name, []).append(float(value))
-  out: dict[str, Any] = {f"mean_{k}": float(np.mean(v)) for k, v in by_name.items()}
-  out["expert_load"] = loads
-  return out
-
-
-class MetricsLogger:
-  """TensorBoard (clu SummaryWriter) + JSON lines; only process 0 writes.
-
-  Scalars go to both; a vector metric such as moe/<layer>/expert_load becomes a TensorBoard
-  histogram and a list in the JSON line.
-  """
-
-  def __init__(self, logdir: str, jsonl_path: str | None):
-    self.active = jax.process_index() == 0
-    self.logdir, self.jsonl_path = logdir, jsonl_path
-    if self.active:
-      from clu import metric_writers  # imports TensorFlow: only where it writes
-      self.writer = metric_writers.SummaryWriter(logdir)
-      self.jsonl = open(jsonl_path, "a") if jsonl_path else None
-
-  def write(self, step: int, metrics: Mapping[str, Any], **extra: Any) -> None:
-    if not self.active:
-      return
-    scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
-    hists = {k: np.asarray(v) for k, v in metrics.items() if np.ndim(v) > 0}
-    self.writer.write_scalars(step, scalars)
-    if hists:
-      self.writer.write_histograms(step, hists)
-    self.writer.flush()
-    if self.jsonl:
-      row = dict(step=step, **extra, **scalars, **{k: v.tolist() for k, v in hists.items()})
-      self.jsonl.write(json.dumps(row) + "\n")
-      self.jsonl.flush()
-
-  def close(self) -> None:
-    if self.active:
-      self.writer.close()
-      if self.jsonl:
-        self.jsonl.close()
 
 
 # ---- preemption -----------------------------------------------------------------------------
@@ -442,15 +423,35 @@ def task_names(mixture_or_task_name: str) -> list[str]:
 
 def restore_for_inference(model: Any, partitioner: partitioning.Partitioner | None,
                           task_feature_lengths: Mapping[str, int], batch_size: int, pack: bool,
-                          checkpoint_path: str) -> tuple["Trainer", PyTree, str, int]:
+                          checkpoint_path: str, mixture_or_task_name: str, split: str
+                          ) -> tuple["Trainer", PyTree, str, int]:
   """(trainer, params, model_dir, step) for eval / infer from a checkpoint_<step> directory or a
-  model dir, with the params restored directly into their shardings."""
+  model dir, with the params restored directly into their shardings. Validates the settings,
+  the task and the checkpoint against the model first (validation.SettingError)."""
   partitioner = partitioner or partitioning.Partitioner()
-  partitioner.validate(batch_size=batch_size)
+  validation.feature_lengths(task_feature_lengths)
+  validation.batch(batch_size, partitioner)
+  validation.model(model, partitioner)
+  validation.vocabulary(model, data_module().check_task(mixture_or_task_name, [split]))
   trainer = Trainer(model, partitioner, batch_shapes(task_feature_lengths, batch_size, pack))
-  model_dir, step = orbax_utils.resolve_path(checkpoint_path)
+  model_dir, step = _check_checkpoint("CHECKPOINT_PATH", checkpoint_path, trainer)
   params, _ = orbax_utils.restore_params_from_path(checkpoint_path, trainer.abstract_params)
   return trainer, params, model_dir, step
+
+
+def _check_checkpoint(setting: str, path: str, trainer: Trainer) -> tuple[str, int]:
+  """(model dir, step) of an explicit checkpoint whose params fit the trainer's model."""
+  try:
+    model_dir, step = orbax_utils.resolve_path(path)
+    stored, _ = orbax_utils.params_metadata(path)
+  except (FileNotFoundError, ValueError, OSError) as e:
+    raise validation.SettingError(setting, f"no readable checkpoint at {path} "
+                                           f"({str(e).splitlines()[0][:200]})") from None
+  shapes = lambda tree: {"/".join(k): v.shape for k, v in  # noqa: E731
+                         flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
+  validation.checkpoint_matches(setting, orbax_utils.step_dir(model_dir, step), shapes(stored),
+                                shapes(trainer.abstract_params))
+  return model_dir, step
 
 
 def eval_batches(task: str, *, task_feature_lengths: Mapping[str, int], batch_size: int,
@@ -497,21 +498,24 @@ def evaluate_tasks(trainer: Trainer, params: PyTree,
   return out
 
 
-def _restore_or_init(trainer: Trainer, manager, it, *, seed: int,
+def _restore_or_init(trainer: Trainer, it, *, model_dir: str, seed: int,
                      initial_checkpoint_path: str | None, initial_checkpoint_mode: str,
-                     restore_dataset: bool, model_dir: str) -> tuple[TrainState, str | None]:
-  """Latest checkpoint in MODEL_DIR, else INITIAL_CHECKPOINT_PATH (by mode), else fresh."""
-  step = manager.latest_step()
-  if step is not None:  # a restart: everything, data position included
-    params, ts, data_state = orbax_utils.restore(
-        manager, step, abstract_params=trainer.abstract_params,
-        abstract_train_state=trainer.abstract_train_state(), with_data=True)
-    if data_state:
-      it.set_state(data_state)
-    return TrainState(step=ts["step"], params=params, opt_state=ts["opt_state"],
-                      rng=ts["rng"]), orbax_utils.step_dir(model_dir, step)
+                     restore_dataset: bool) -> tuple[TrainState, str | None, bool]:
+  """(state, where from, resumed): the newest good checkpoint in MODEL_DIR (resumed), else
+  INITIAL_CHECKPOINT_PATH (by mode), else a fresh state."""
+  def restore(reader, step):
+    _check_checkpoint("MODEL_DIR", orbax_utils.step_dir(model_dir, step), trainer)
+    return orbax_utils.restore(reader, step, abstract_params=trainer.abstract_params,
+                               abstract_train_state=trainer.abstract_train_state(),
+                               with_data=True)
+  found = policy.restore_newest(model_dir, restore)
+  if found is not None:  # a restart: everything, data position included
+    (params, train_state, data_state), step = found
+    _set_data_state(it, data_state, "MODEL_DIR")
+    return (trainer.state_from_items(params, train_state), orbax_utils.step_dir(model_dir, step),
+            True)
   if not initial_checkpoint_path:
-    return trainer.init_state(seed), None
+    return trainer.init_state(seed), None, False
 
   ckpt_dir, ckpt_step = orbax_utils.resolve_path(initial_checkpoint_path)
   source = orbax_utils.step_dir(ckpt_dir, ckpt_step)
@@ -526,23 +530,90 @@ def _restore_or_init(trainer: Trainer, manager, it, *, seed: int,
     logging.info("sparse upcycling from %s: %d copied, %d expert weights tiled, fresh: %s",
                  source, len(report["copied"]), len(report["tiled"]), report["fresh"])
     params = jax.device_put(params, trainer.params_shardings)
-    return trainer.state_from_params(params, 0, seed), source
+    return trainer.state_from_params(params, 0, seed), source, False
 
   reader = orbax_utils.read_only_manager(ckpt_dir)
   has_train_state = (epath.Path(source) / "train_state").is_dir()
   if initial_checkpoint_mode == "full" and has_train_state:
-    params, ts, data_state = orbax_utils.restore(
+    params, train_state, data_state = orbax_utils.restore(
         reader, ckpt_step, abstract_params=trainer.abstract_params,
         abstract_train_state=trainer.abstract_train_state(), with_data=restore_dataset)
-    state = TrainState(step=ts["step"], params=params, opt_state=ts["opt_state"], rng=ts["rng"])
+    state = trainer.state_from_items(params, train_state)
   else:  # 'params', or 'full' from a checkpoint without optimizer state
     params, _, data_state = orbax_utils.restore(
         reader, ckpt_step, abstract_params=trainer.abstract_params, with_data=restore_dataset)
     state = trainer.state_from_params(params, ckpt_step, seed)
   reader.close()
-  if restore_dataset and data_state:
-    it.set_state(data_state)
-  return state, source
+  if restore_dataset:
+    _set_data_state(it, data_state, "INITIAL_CHECKPOINT_PATH")
+  return state, source, False
+
+
+def _set_data_state(it, data_state: Mapping[str, Any] | None, setting: str) -> None:
+  if data_state:
+    try:
+      it.set_state(data_state)
+    except ValueError as e:
+      raise validation.SettingError(setting, f"its checkpoint's data position does not fit "
+                                             f"this run: {e}") from None
+
+
+def _nonfinite_error(rows: list[Mapping[str, Any]], first_step: int, max_skips: int,
+                     last_checkpoint: str | None) -> validation.RunError | None:
+  """The error to stop with when a step of `rows` (host metrics of steps first_step, ...)
+  exceeded the non-finite guard, else None. Names the step and its MoE layers' metrics."""
+  for i, row in enumerate(rows):
+    if int(row["nonfinite_streak"]) > max_skips:
+      layers = {}
+      for key, value in row.items():
+        if key.startswith("moe/") and np.ndim(value) == 0:
+          layer, name = key[len("moe/"):].rsplit("/", 1)
+          layers.setdefault(layer, []).append(f"{name} {float(value):.4g}")
+      moe = "; ".join(f"{layer}: {', '.join(v)}" for layer, v in sorted(layers.items()))
+      return validation.RunError(
+          f"non-finite loss, gradient or update at step {first_step + i} (loss {float(row['loss']):.4g}, "
+          f"grad_norm {float(row['grad_norm']):.4g}; {int(row['nonfinite_streak'])} in a row, "
+          f"MAX_NONFINITE_SKIPS={max_skips}); MoE layers at that step: {moe or 'none'}; "
+          f"stopped, last good checkpoint: {last_checkpoint or '(none)'}")
+  return None
+
+
+class _Period:
+  """Device metrics of the steps since the last summary, fetched once per period, and the
+  training throughput (the first step, i.e. compilation, evals and saves are not timed)."""
+
+  def __init__(self, first_step: int):
+    self.first_step = first_step  # the step before the period's first step
+    self.pending: list[dict[str, Array]] = []
+    self.host: list[dict[str, np.ndarray]] | None = None
+    self.tokens, self.steps, self.paused = 0, 0, 0.0
+    self.start: float | None = None
+
+  def add(self, metrics: dict[str, Array], local_batch: Mapping[str, np.ndarray]) -> None:
+    self.pending.append(metrics)
+    self.host = None
+    if self.start is None:
+      jax.block_until_ready(metrics)
+      self.start = time.time()
+    else:
+      self.tokens += _local_tokens(local_batch) * jax.process_count()
+      self.steps += 1
+
+  def fetch(self) -> list[dict[str, np.ndarray]]:
+    if self.host is None:
+      self.host = jax.device_get(self.pending)  # one transfer per period (or save)
+    return self.host
+
+  def summarize(self, step: int) -> dict[str, Any]:
+    """Averages of the period's steps (and throughput); starts the next period."""
+    averaged = metrics_writer.average_metrics(self.fetch())
+    elapsed = max(time.time() - self.start - self.paused, 1e-9)
+    if self.steps:
+      averaged["tokens_per_second"] = np.asarray(self.tokens / elapsed)
+      averaged["steps_per_second"] = np.asarray(self.steps / elapsed)
+    self.first_step, self.pending, self.host = step, [], None
+    self.tokens, self.steps, self.paused, self.start = 0, 0, 0.0, time.time()
+    return averaged
 
 
 @gin.configurable
@@ -558,14 +629,15 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
           checkpoint_params_dtype: str | None = None,
           initial_checkpoint_path: str | None = None, initial_checkpoint_mode: str = "full",
           restore_dataset: bool = False, stats_period: int = 10, eval_period: int = 0,
-          eval_steps: int | None = 20, eval_split: str = "validation", use_tqdm: bool = True,
+          eval_steps: int | None = 20, eval_split: str = "validation",
+          max_nonfinite_skips: int = 0, use_tqdm: bool = True,
           write_jsonl: bool = True) -> TrainSummary:
-  """Trains `model` to step `total_steps`; resumes from MODEL_DIR's latest checkpoint.
+  """Trains `model` to step `total_steps`; resumes from MODEL_DIR's newest good checkpoint.
 
   Args (gin macros of gin/runs/*.gin in brackets):
     model: models.EncoderDecoderModel [MODEL].
-    model_dir: checkpoints, TensorBoard logs (train/, training_eval/) and metrics.jsonl
-      [MODEL_DIR].
+    model_dir: checkpoints, TensorBoard logs (train/, training_eval/), metrics.jsonl and the
+      run lock [MODEL_DIR].
     total_steps: the final global step, counting restored steps (t5x) [TRAIN_STEPS].
     mixture_or_task_name, task_feature_lengths: seqio task and {'inputs': le, 'targets': ld}.
     batch_size: global batch; each process reads batch_size / process_count rows [BATCH_SIZE].
@@ -586,149 +658,191 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
       checkpoint has no optimizer state), 'params' (params and step, fresh optimizer), or
       'upcycle' (a dense checkpoint -> this MoE model, step 0; see orbax_utils.upcycle_params).
     restore_dataset: also restore the data position from initial_checkpoint_path.
-    stats_period: steps per summary (TensorBoard, metrics.jsonl, progress bar loss).
+    stats_period: steps per summary (TensorBoard, metrics.jsonl, progress bar loss) and per
+      check of the non-finite guard.
     eval_period, eval_steps, eval_split: eval every N steps (0: never) on the first
       eval_steps batches of each task of the mixture (read once, the same batches every time)
       [EVAL_PERIOD, EVAL_STEPS].
+    max_nonfinite_skips: 0 stops the run at the first step with a non-finite loss or gradient
+      (nothing of it is applied or saved); N > 0 skips such updates and stops after more than N
+      in a row [MAX_NONFINITE_SKIPS].
+  Raises validation.SettingError for a bad setting (before anything is compiled) and
+  validation.RunError when the run cannot go on (divergence, a failed save, a busy MODEL_DIR).
   """
-  preemption = _Preemption()  # first, so that a SIGTERM during set-up is not lost either
-  try:  # locals() here are exactly the arguments
-    return _train(preemption, **{k: v for k, v in locals().items() if k != "preemption"})
-  finally:
-    preemption.close()
-
-
-def _train(preemption: _Preemption, *, model, model_dir, total_steps, mixture_or_task_name,
-           task_feature_lengths, batch_size, optimizer, learning_rate_fn, partitioner,
-           num_data_shards, num_microbatches, grad_clip_norm, random_seed, shuffle, pack, checkpoint_period,
-           keep_checkpoints, checkpoint_params_dtype, initial_checkpoint_path,
-           initial_checkpoint_mode, restore_dataset, stats_period, eval_period, eval_steps,
-           eval_split, use_tqdm, write_jsonl) -> TrainSummary:
   start_time = time.time()
   partitioner = partitioner or partitioning.Partitioner()
-  partitioner.validate(batch_size=batch_size)
   learning_rate_fn = learning_rate_fn or rsqrt_schedule()
-  model_dir = orbax_utils.absolute(model_dir)
-  is_chief = jax.process_index() == 0
-  if is_chief:
-    epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
-  # JSON lines are appended, which remote file systems (gs://) do not offer.
-  jsonl = (os.path.join(model_dir, "metrics.jsonl")
-           if write_jsonl and "://" not in model_dir else None)
-
-  it = data_module().get_dataset(mixture_or_task_name, dict(task_feature_lengths), "train",
-                                 batch_size, shuffle=shuffle, seed=random_seed,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count(), num_shards=num_data_shards,
-                                 pack=pack)
+  validation.integer("TRAIN_STEPS", total_steps, minimum=0)
+  validation.feature_lengths(task_feature_lengths)
+  validation.batch(batch_size, partitioner, num_microbatches, num_data_shards)
+  for setting, value, minimum in (("CHECKPOINT_PERIOD", checkpoint_period, 1),
+                                  ("STATS_PERIOD", stats_period, 1),
+                                  ("EVAL_PERIOD", eval_period, 0),
+                                  ("RANDOM_SEED", random_seed, 0),
+                                  ("MAX_NONFINITE_SKIPS", max_nonfinite_skips, 0)):
+    validation.integer(setting, value, minimum=minimum)
+  validation.integer("KEEP_CHECKPOINTS", keep_checkpoints, minimum=1, allow_none=True)
+  validation.integer("EVAL_STEPS", eval_steps, minimum=1, allow_none=jax.process_count() == 1)
+  validation.number("GRAD_CLIP_NORM", grad_clip_norm, positive=True, allow_none=True)
+  validation.choice("initial_checkpoint_mode", initial_checkpoint_mode,
+                    ("full", "params", "upcycle"))
+  validation.choice("checkpoint_params_dtype", checkpoint_params_dtype,
+                    (None, "float32", "bfloat16", "float16"))
+  validation.schedule(learning_rate_fn, total_steps)
+  validation.model(model, partitioner)
+  task_vocab_size = data_module().check_task(
+      mixture_or_task_name, ["train"] + ([eval_split] if eval_period else []))
+  validation.vocabulary(model, task_vocab_size)
   trainer = Trainer(model, partitioner, batch_shapes(task_feature_lengths, batch_size, pack),
-                    optimizer, num_microbatches=num_microbatches,
-                    grad_clip_norm=grad_clip_norm)
-  params_dtype = jnp.dtype(checkpoint_params_dtype) if checkpoint_params_dtype else None
-  if initial_checkpoint_mode not in ("full", "params", "upcycle"):
-    raise ValueError(f"initial_checkpoint_mode={initial_checkpoint_mode!r}: expected 'full', "
-                     "'params' or 'upcycle'")
-  eval_tasks = task_names(mixture_or_task_name) if eval_period else []
-  eval_data: dict[str, list[dict[str, np.ndarray]]] = {}
-  manager = orbax_utils.make_manager(model_dir, max_to_keep=keep_checkpoints)
-  train_logger = MetricsLogger(os.path.join(model_dir, "train"), jsonl)
-  eval_logger = (MetricsLogger(os.path.join(model_dir, "training_eval"), None)
-                 if eval_period else None)
-  progress = None
+                    optimizer, num_microbatches=num_microbatches, grad_clip_norm=grad_clip_norm,
+                    max_nonfinite_skips=max_nonfinite_skips)
+  if initial_checkpoint_path and initial_checkpoint_mode != "upcycle":
+    _check_checkpoint("INITIAL_CHECKPOINT_PATH", initial_checkpoint_path, trainer)
+
+  model_dir = orbax_utils.absolute(model_dir)
+  local = "://" not in model_dir
+  lock = None
+  if jax.process_index() == 0:
+    try:
+      epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise validation.SettingError("MODEL_DIR", f"cannot create {model_dir}: "
+                                                 f"{e.strerror or e}") from None
+    if local:
+      lock = model_dir_lib.RunLock(model_dir)
+  preemption = _Preemption()  # before the restore, so that a SIGTERM during set-up counts
   try:
-    state, restored_from = _restore_or_init(
-        trainer, manager, it, seed=random_seed, initial_checkpoint_path=initial_checkpoint_path,
-        initial_checkpoint_mode=initial_checkpoint_mode, restore_dataset=restore_dataset,
-        model_dir=model_dir)
+    if jax.process_index() == 0 and local:
+      model_dir_lib.check_writable(model_dir, trainer.checkpoint_bytes())
+    it = data_module().get_dataset(
+        mixture_or_task_name, dict(task_feature_lengths), "train", batch_size, shuffle=shuffle,
+        seed=random_seed, process_index=jax.process_index(), process_count=jax.process_count(),
+        num_shards=num_data_shards, pack=pack)
+    state, restored_from, resumed = _restore_or_init(
+        trainer, it, model_dir=model_dir, seed=random_seed,
+        initial_checkpoint_path=initial_checkpoint_path,
+        initial_checkpoint_mode=initial_checkpoint_mode, restore_dataset=restore_dataset)
     step = int(jax.device_get(state.step))
-    resumed = manager.latest_step() is not None
-    last_checkpoint = restored_from if resumed else None
+    if resumed and jax.process_index() == 0:
+      print(f"Resumed from {restored_from} (step {step})", flush=True)
+    jsonl = os.path.join(model_dir, "metrics.jsonl") if write_jsonl and local else None
+    if jsonl and jax.process_index() == 0:
+      metrics_writer.drop_rows_after(jsonl, step)
+    evaluate = _TrainingEval(trainer, task_names(mixture_or_task_name), task_feature_lengths=
+                             task_feature_lengths, batch_size=batch_size, split=eval_split,
+                             eval_steps=eval_steps, pack=pack, seed=random_seed,
+                             num_shards=num_data_shards) if eval_period else None
+    checkpoints = policy.CheckpointPolicy(
+        model_dir, keep_checkpoints,
+        jnp.dtype(checkpoint_params_dtype) if checkpoint_params_dtype else None)
+    summary = TrainSummary(
+        step=step, model_dir=model_dir, checkpoint=restored_from if resumed else None,
+        tensorboard_dir=model_dir, metrics_file=jsonl, preempted=False, final_metrics={},
+        eval_metrics={}, history=[], restored_from=restored_from, seconds=0.0)
+    loggers = {"train": metrics_writer.MetricsLogger(os.path.join(model_dir, "train"), jsonl),
+               "eval": metrics_writer.MetricsLogger(os.path.join(model_dir, "training_eval"),
+                                                    None)}
+    try:
+      _loop(trainer, state, it, summary, checkpoints, loggers, preemption, evaluate,
+            total_steps=total_steps, learning_rate_fn=learning_rate_fn,
+            checkpoint_period=checkpoint_period, stats_period=stats_period,
+            eval_period=eval_period, use_tqdm=use_tqdm, resumed=resumed)
+    finally:
+      for logger in loggers.values():
+        logger.close()
+      checkpoints.close()
+  finally:
+    preemption.close()
+    if lock:
+      lock.release()
+  summary.seconds = time.time() - start_time
+  return summary
 
-    def save(step: int) -> str:
-      orbax_utils.save(manager, step, params=state.params,
-                       train_state={"step": state.step, "rng": state.rng,
-                                    "opt_state": state.opt_state},
-                       data_state=it.get_state(), params_dtype=params_dtype)
-      return orbax_utils.step_dir(model_dir, step)
 
-    if step >= total_steps:
-      logging.warning("step %d already reaches TRAIN_STEPS=%d (TRAIN_STEPS counts restored "
-                      "steps, as in t5x): nothing to train", step, total_steps)
-      if not resumed:  # keep what was built, e.g. an upcycled model with TRAIN_STEPS=0
-        last_checkpoint = save(step)
-    if use_tqdm and is_chief and step < total_steps:
-      from tqdm import tqdm
-      progress = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
-                      desc="train", smoothing=0.1)
-    pending: list[dict[str, Any]] = []   # device metrics since the last summary
-    # Throughput counts training only: the first step (compilation), evals and checkpoint
-    # saves are left out of the timed interval.
-    tokens, timer_start, timed_steps, paused = 0, None, 0, 0.0
-    history: list[dict[str, Any]] = []
-    final_metrics: dict[str, Any] = {}
-    eval_metrics: dict[str, Any] = {}
-    preempted = False
+class _TrainingEval:
+  """Eval during training: the first eval_steps batches of each task, read once and reused."""
+
+  def __init__(self, trainer: Trainer, tasks: list[str], **batch_settings: Any):
+    self.trainer, self.tasks, self.batch_settings = trainer, tasks, batch_settings
+    self.data: dict[str, list[dict[str, np.ndarray]]] | None = None
+
+  def __call__(self, params: PyTree) -> dict[str, float]:
+    if self.data is None:
+      self.data = {task: list(eval_batches(task, **self.batch_settings)) for task in self.tasks}
+    return evaluate_tasks(self.trainer, params, self.data)
+
+
+def _loop(trainer: Trainer, state: TrainState, it, summary: TrainSummary,
+          checkpoints: policy.CheckpointPolicy, loggers: dict[str, Any], preemption: _Preemption,
+          evaluate: _TrainingEval | None, *, total_steps: int, learning_rate_fn: Schedule,
+          checkpoint_period: int, stats_period: int, eval_period: int, use_tqdm: bool,
+          resumed: bool) -> None:
+  """The training loop from summary.step to total_steps; fills in `summary`."""
+  step, period = summary.step, _Period(summary.step)
+  max_skips = trainer.max_nonfinite_skips
+
+  def check_finite() -> None:  # before every summary and save: a checkpoint is always finite
+    error = _nonfinite_error(period.fetch(), period.first_step + 1, max_skips, summary.checkpoint)
+    if error:
+      raise error
+
+  def save() -> None:
+    check_finite()
+    summary.checkpoint = checkpoints.save(
+        step, params=state.params, train_state={"step": state.step, "rng": state.rng,
+                                                "opt_state": state.opt_state},
+        data_state=it.get_state())
+
+  if step >= total_steps:
+    logging.warning("step %d already reaches TRAIN_STEPS=%d (TRAIN_STEPS counts restored "
+                    "steps, as in t5x): nothing to train", step, total_steps)
+    if not resumed:  # keep what was built, e.g. an upcycled model with TRAIN_STEPS=0
+      save()
+    return
+  progress = _progress_bar(step, total_steps) if use_tqdm and jax.process_index() == 0 else None
+  try:
     while step < total_steps:
       local = next(it)
-      state, metrics = trainer.train_step(state, partitioner.shard_batch(local),
+      state, metrics = trainer.train_step(state, trainer.partitioner.shard_batch(local),
                                           learning_rate_fn(step))
       step += 1
-      pending.append(metrics)
-      if timer_start is None:
-        jax.block_until_ready(metrics)
-        timer_start = time.time()
-      else:
-        tokens += _local_tokens(local) * jax.process_count()
-        timed_steps += 1
+      period.add(metrics, local)
+      checkpoints.poll()  # a failed background save stops the run now
       if progress:
         progress.update(1)
       last = step >= total_steps
       if step % stats_period == 0 or last:
-        averaged = average_metrics(jax.device_get(pending))  # one transfer per period
-        pending = []
-        elapsed = time.time() - timer_start - paused
-        if timed_steps:
-          averaged["tokens_per_second"] = np.asarray(tokens / max(elapsed, 1e-9))
-          averaged["steps_per_second"] = np.asarray(timed_steps / max(elapsed, 1e-9))
-        tokens, timed_steps, timer_start, paused = 0, 0, time.time(), 0.0
-        train_logger.write(step, averaged, split="train")
-        final_metrics = averaged
-        history.append(dict(step=step, **averaged))
+        check_finite()
+        summary.final_metrics = averaged = period.summarize(step)
+        summary.history.append(dict(step=step, **averaged))
+        loggers["train"].write(step, averaged, split="train")
         if progress:
           postfix = {"loss": f"{float(averaged['loss']):.3f}"}
           if "tokens_per_second" in averaged:
             postfix["tok/s"] = f"{float(averaged['tokens_per_second']):.0f}"
           progress.set_postfix(postfix)
       pause_start = time.time()
-      if eval_period and (step % eval_period == 0 or last):
-        if not eval_data:  # read once, reused by every eval
-          eval_data.update({task: list(eval_batches(
-              task, task_feature_lengths=task_feature_lengths, batch_size=batch_size,
-              split=eval_split, eval_steps=eval_steps, pack=pack, seed=random_seed,
-              num_shards=num_data_shards))
-              for task in eval_tasks})
-        eval_metrics = evaluate_tasks(trainer, state.params, eval_data)
-        eval_logger.write(step, eval_metrics)
-        train_logger.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()}, split="eval")
-      preempted = preemption.reached(step)
-      if last or preempted or step % checkpoint_period == 0:
-        last_checkpoint = save(step)
-      paused += time.time() - pause_start
-      if last or preempted:
+      if evaluate and (step % eval_period == 0 or last):
+        summary.eval_metrics = evaluate(state.params)
+        loggers["eval"].write(step, summary.eval_metrics)
+        loggers["train"].write(step, {f"eval/{k}": v for k, v in summary.eval_metrics.items()},
+                               split="eval")
+      summary.preempted = preemption.reached(step)
+      if last or summary.preempted or step % checkpoint_period == 0:
+        save()
+      period.paused += time.time() - pause_start
+      if summary.preempted:
         break
   finally:
     if progress:
       progress.close()
-    manager.wait_until_finished()
-    manager.close()
-    train_logger.close()
-    if eval_logger:
-      eval_logger.close()
-  return TrainSummary(
-      step=step, model_dir=model_dir, checkpoint=last_checkpoint,
-      tensorboard_dir=model_dir, metrics_file=jsonl,
-      preempted=preempted, final_metrics=final_metrics, eval_metrics=eval_metrics,
-      history=history, restored_from=restored_from, seconds=time.time() - start_time)
+  summary.step = step
+
+
+def _progress_bar(step: int, total_steps: int):
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, desc="train",
+              smoothing=0.1)
 
 
 def format_summary(summary: TrainSummary) -> str:
@@ -744,7 +858,7 @@ def format_summary(summary: TrainSummary) -> str:
     if "tokens_per_second" in m:
       parts.append(f"{float(m['tokens_per_second']):.0f} tokens/s")
     lines.append("Final train metrics: " + ", ".join(parts))
-    moe = moe_summary(m)
+    moe = metrics_writer.moe_summary(m)
     if "mean_fraction_dropped" in moe:
       lines.append(f"Tokens dropped (mean over MoE layers): {moe['mean_fraction_dropped']:.2%}; "
                    f"router confidence {moe.get('mean_router_confidence', float('nan')):.3f}")

@@ -380,3 +380,13 @@ def test_checkpoint_dtype_explicit_paths_and_no_partial_checkpoints(tmp_path):
   assert step == 3 and restored["w"].dtype == jnp.float32
   expected = np.asarray(params["w"]).astype(jnp.bfloat16).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(restored["w"]), expected)
+
+
+def test_infer_from_python_without_a_partitioner(pretrained, tmp_path):
+  """infer.infer's declared default partitioner (None) means all devices on 'data'."""
+  model = config.build_model(["gin/models/switch_tiny.gin"])
+  path = infer_lib.infer(model=model, checkpoint_path=f"{pretrained}/checkpoint_6",
+                         mixture_or_task_name=data.DEFAULT_TASK, task_feature_lengths=LENGTHS,
+                         batch_size=8, max_batches=1, output_dir=str(tmp_path))
+  rows = _jsonl(path)
+  assert len(rows) == 8 and all(row["targets"] for row in rows)
