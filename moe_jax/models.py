@@ -40,6 +40,9 @@ class T5Config:
   logits_via_embedding: tied output embedding (the decoder output is scaled by emb_dim^-0.5
     before the head, as Mesh-TF); False: separate logits_dense [m, v].
   encoder_sparse_step / decoder_sparse_step: see the module docstring.
+  init_scale: variance-scaling scale of the attention, dense MLP and logits_dense kernels (1.0
+    as T5; the Switch paper, Sec. 2.4, uses 0.1 for all weights). Embeddings and the relative
+    position bias keep their own init; MoE experts take MoeLayer.init_scale.
   dtype: activation dtype ('float32' or 'bfloat16'); params and softmaxes stay float32.
   """
   vocab_size: int
@@ -57,6 +60,7 @@ class T5Config:
   layer_norm_epsilon: float = 1e-6
   encoder_sparse_step: int = 0
   decoder_sparse_step: int = 0
+  init_scale: float = 1.0
   dtype: Any = "float32"
 
   def __post_init__(self):
@@ -89,7 +93,7 @@ def _make_mlp(config: T5Config, moe: MoeFactory | None, causal: bool) -> nn.Modu
   if moe is not None:
     return moe(causal=causal)
   return layers.MlpBlock(config.mlp_dim, config.activations, config.dropout_rate,
-                         config.compute_dtype)
+                         config.compute_dtype, config.init_scale)
 
 
 def _apply_mlp(mlp: nn.Module, x: Array, valid: Array | None, deterministic: bool) -> Array:
@@ -108,7 +112,7 @@ class EncoderLayer(nn.Module):
     c = self.config
     self.pre_attention_layer_norm = layers.RMSNorm(c.layer_norm_epsilon, c.compute_dtype)
     self.attention = layers.MultiHeadDotProductAttention(c.num_heads, c.head_dim, c.dropout_rate,
-                                                         c.compute_dtype)
+                                                         c.compute_dtype, c.init_scale)
     self.pre_mlp_layer_norm = layers.RMSNorm(c.layer_norm_epsilon, c.compute_dtype)
     self.mlp = _make_mlp(c, self.moe, causal=False)
     self.dropout = nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))
@@ -132,7 +136,7 @@ class DecoderLayer(nn.Module):
   def setup(self):
     c = self.config
     attention = lambda: layers.MultiHeadDotProductAttention(  # noqa: E731
-        c.num_heads, c.head_dim, c.dropout_rate, c.compute_dtype)
+        c.num_heads, c.head_dim, c.dropout_rate, c.compute_dtype, c.init_scale)
     self.pre_self_attention_layer_norm = layers.RMSNorm(c.layer_norm_epsilon, c.compute_dtype)
     self.self_attention = attention()
     self.pre_cross_attention_layer_norm = layers.RMSNorm(c.layer_norm_epsilon, c.compute_dtype)
@@ -247,7 +251,7 @@ class Decoder(nn.Module):
       kernel = self.param(
           "logits_dense",
           nn.with_logical_partitioning(
-              nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+              nn.initializers.variance_scaling(c.init_scale, "fan_in", "truncated_normal"),
               ("embed", "vocab")),
           (c.emb_dim, c.vocab_size), jnp.float32)
       logits = jnp.einsum("blm,mv->blv", x, jnp.asarray(kernel, c.compute_dtype))

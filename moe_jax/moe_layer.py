@@ -59,6 +59,8 @@ class MoeLayer(nn.Module):
       the mesh's batch partitions, read from the mesh in force; see group_shape).
     activations: ('relu',) for T5 v1.0, ('gelu', 'linear') for gated-gelu (v1.1).
     dropout_rate: expert dropout on the hidden activations.
+    init_scale: variance-scaling scale of the expert kernels (Switch Sec. 2.4: 0.1); the
+      router has its own router_init_scale.
     dtype: dtype of the dispatched activations and expert matmuls (bfloat16 on TPU); the router
       is always float32.
     causal: the layer sits in a decoder; routers that see later tokens are refused.
@@ -77,6 +79,7 @@ class MoeLayer(nn.Module):
   num_expert_partitions: int = 1
   activations: Sequence[str] = ("relu",)
   dropout_rate: float = 0.0
+  init_scale: float = 1.0
   dtype: Any = jnp.float32
   causal: bool = False
   dispatch: str = "auto"
@@ -121,7 +124,7 @@ class MoeLayer(nn.Module):
   def experts(self, m: int, deterministic: bool) -> dispatch_lib.Experts:
     """Stacked expert weights wi [e,m,h] (wi_0, wi_1 when gated) and wo [e,h,m]."""
     e = self.num_experts
-    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+    init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal",
                                             in_axis=-2, out_axis=-1, batch_axis=(0,))
     names = ["wi"] if len(self.activations) == 1 else [f"wi_{i}" for i in range(len(self.activations))]
     wi = [self.param(n, nn.with_logical_partitioning(init, ("expert", "embed", "expert_mlp")),

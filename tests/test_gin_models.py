@@ -3,6 +3,7 @@ papers' headline sizes and (where HF can build the model) HF transformers on the
 import glob
 import os
 
+import flax
 import gin
 import jax
 import numpy as np
@@ -237,3 +238,28 @@ def test_gin_files_found_by_any_name():
                             os.path.join(GIN_DIR, "t5_tiny.gin"))
   with pytest.raises(ValueError, match="not found"):
     config.parse_gin(["models/no_such_model.gin"])
+
+
+def test_init_scale_scales_every_kernel_std_by_its_square_root():
+  """INIT_SCALE = 0.1 (Switch Sec. 2.4): attention, dense MLP and expert kernels drawn with the
+  same rng are sqrt(0.1) times the default ones; embeddings, router and relative position bias
+  keep their own init."""
+  tiny = FIXED_VOCAB + ["NUM_EXPERTS = 2", "EMBED_DIM = 8", "MLP_DIM = 16", "NUM_HEADS = 2",
+                        "HEAD_DIM = 4", "LOGITS_VIA_EMBEDDING = False"]
+
+  def params(scale):
+    model = build("switch_tiny.gin", tiny + [f"INIT_SCALE = {scale}"])
+    variables = model.get_initial_variables(jax.random.key(0), SHAPES)
+    return flax.traverse_util.flatten_dict(flax.core.meta.unbox(variables["params"]), sep="/")
+
+  default, small = params(1.0), params(0.1)
+  scaled = [k for k in default if k.rsplit("/", 1)[-1] in
+            ("query", "key", "value", "out", "wi", "wo", "logits_dense")]
+  kinds = {k.rsplit("/", 1)[-1] + ("(expert)" if "/mlp/" in k and default[k].ndim == 3 else "")
+           for k in scaled}
+  assert {"query", "out", "wi", "wo", "wi(expert)", "wo(expert)", "logits_dense"} <= kinds
+  for k in default:
+    if k in scaled:
+      assert np.std(small[k]) / np.std(default[k]) == pytest.approx(np.sqrt(0.1), rel=1e-5), k
+    else:
+      np.testing.assert_array_equal(small[k], default[k], err_msg=k)
