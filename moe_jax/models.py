@@ -13,7 +13,7 @@ layer, starting with the second).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax
 import flax.linen as nn
@@ -27,8 +27,6 @@ from moe_jax import moe_layer
 
 Array = jax.Array
 EOS_ID = 1  # PAD (0) also serves as the decoder's start token
-
-MoeFactory = Callable[..., nn.Module]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +85,11 @@ def sparse_layers(num_layers: int, sparse_step: int) -> list[int]:
   return [i for i in range(num_layers) if is_sparse_layer(i, sparse_step)]
 
 
-def _make_mlp(config: T5Config, moe: MoeFactory | None, causal: bool) -> nn.Module:
-  """The feed-forward of a layer. Called in the layer's setup so that a router instance made
-  by gin inside the factory call is adopted by the MoE layer (its params land in mlp/router)."""
+def _make_mlp(config: T5Config, moe: moe_layer.MoeLayer | None, causal: bool) -> nn.Module:
+  """The feed-forward of a layer: a fresh unbound copy of the stack's MoE template (so each
+  layer owns its params, router included, under mlp/), or a dense MlpBlock."""
   if moe is not None:
-    return moe(causal=causal)
+    return moe.copy(causal=causal)  # a deep copy: the router is copied too
   return layers.MlpBlock(config.mlp_dim, config.activations, config.dropout_rate,
                          config.compute_dtype, config.init_scale)
 
@@ -106,7 +104,7 @@ def _apply_mlp(mlp: nn.Module, x: Array, valid: Array | None, deterministic: boo
 class EncoderLayer(nn.Module):
   """Self-attention (bidirectional) + feed-forward, pre-norm with residuals."""
   config: T5Config
-  moe: MoeFactory | None = None
+  moe: moe_layer.MoeLayer | None = None
 
   def setup(self):
     c = self.config
@@ -131,7 +129,7 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
   """Causal self-attention + encoder-decoder attention + feed-forward, pre-norm."""
   config: T5Config
-  moe: MoeFactory | None = None
+  moe: moe_layer.MoeLayer | None = None
 
   def setup(self):
     c = self.config
@@ -165,7 +163,7 @@ class Encoder(nn.Module):
   """Token ids -> encoded [b,l,m]; one relative position bias table shared by all layers."""
   config: T5Config
   shared_embedding: nn.Module
-  moe: MoeFactory | None = None
+  moe: moe_layer.MoeLayer | None = None
 
   @nn.compact
   def __call__(self, tokens: Array, segment_ids: Array | None = None, *,
@@ -197,7 +195,7 @@ class Decoder(nn.Module):
   """
   config: T5Config
   shared_embedding: nn.Module
-  moe: MoeFactory | None = None
+  moe: moe_layer.MoeLayer | None = None
 
   @nn.compact
   def __call__(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
@@ -267,8 +265,8 @@ class Transformer(nn.Module):
   sparse_step > 0.
   """
   config: T5Config
-  encoder_moe: MoeFactory | None = None
-  decoder_moe: MoeFactory | None = None
+  encoder_moe: moe_layer.MoeLayer | None = None
+  decoder_moe: moe_layer.MoeLayer | None = None
 
   def setup(self):
     c = self.config
@@ -276,7 +274,7 @@ class Transformer(nn.Module):
                                  ("decoder", c.decoder_sparse_step, self.decoder_moe)):
       if step > 0 and factory is None:
         raise ValueError(f"{stack}_sparse_step={step} needs Transformer.{stack}_moe "
-                         "(an MoE layer factory)")
+                         "(an MoE layer template)")
     self.token_embedder = layers.Embed(c.vocab_size, c.emb_dim, c.compute_dtype)
     self.encoder = Encoder(c, self.token_embedder, self.encoder_moe)
     self.decoder = Decoder(c, self.token_embedder, self.decoder_moe)
