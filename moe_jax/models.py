@@ -332,17 +332,20 @@ class EncoderDecoderModel:
   Loss = cross-entropy (normalized by the real target tokens, decoder_loss_weights)
        + output z-loss (z_loss · logsumexp², same normalization)
        + aux_loss_factor · mean over MoE layers of the load-balance loss
-       + router_z_loss_factor · mean over MoE layers of the router z-loss.
+       + router_z_loss_factor · mean over MoE layers of the router z-loss
+  (aux_loss_layers='sum' sums over the layers instead, as Mesh TensorFlow and HF).
   Dense models (no MoE layers) have zero aux terms.
   """
 
   def __init__(self, module: Transformer, z_loss: float = 1e-4, aux_loss_factor: float = 0.01,
-               router_z_loss_factor: float = 0.0, label_smoothing: float = 0.0):
+               router_z_loss_factor: float = 0.0, label_smoothing: float = 0.0,
+               aux_loss_layers: str = "mean"):
     self.module = module
     self.z_loss = z_loss
     self.aux_loss_factor = aux_loss_factor
     self.router_z_loss_factor = router_z_loss_factor
     self.label_smoothing = label_smoothing
+    self.aux_loss_layers = aux_loss_layers  # 'mean' or 'sum' over MoE layers (moe_layer.summarize)
 
   # -- variables ---------------------------------------------------------------------------
 
@@ -395,7 +398,7 @@ class EncoderDecoderModel:
                                                   self.label_smoothing)
     cross_ent_loss = jnp.sum(cross_ent * weights) / denom
     z_loss = jnp.sum(z_term * weights) / denom
-    losses, moe_metrics = moe_layer.summarize(moe_state)
+    losses, moe_metrics = moe_layer.summarize(moe_state, self.aux_loss_layers)
     aux_loss = self.aux_loss_factor * losses["load_balance_loss"]
     router_z_loss = self.router_z_loss_factor * losses["router_z_loss"]
     loss = cross_ent_loss + z_loss + aux_loss + router_z_loss

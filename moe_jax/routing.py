@@ -4,7 +4,7 @@ Every router returns a `RouterOutput` in one format, `[g, s, k]` assignments (ex
 in that expert's buffer, gate, kept), so one dispatch code path serves them all. Expert choice
 uses k = E (assignment j of a token is "expert j took it or not").
 
-Semantics follow DESIGN.md section 4: router in float32, priority k-major (all first choices take
+Semantics follow docs/design.md ("Routing semantics"): router in float32, priority k-major (all first choices take
 capacity before any second choice), Switch combine weight = raw softmax probability, GShard
 top-2 with gate normalization and second-expert policies, expert choice.
 """
@@ -22,6 +22,8 @@ Array = jax.Array
 
 CAPACITY_MODES = ("ceil", "flaxformer", "mesh_tf")
 SECOND_EXPERT_POLICIES = ("all", "random", "sampling", "none")
+LOSS_TOKENS = ("real", "all")
+LOAD_BALANCE_CHOICES = ("first", "all")
 
 
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, *,
@@ -75,24 +77,38 @@ def _masked_mean(x: Array, w: Array) -> Array:
   return jnp.sum(x * w) / jnp.maximum(w.sum(), 1.0)
 
 
-def load_balance_loss(probs: Array, first_choice: Array, valid: Array) -> Array:
+def load_balance_loss(probs: Array, chosen: Array, valid: Array, *,
+                      all_tokens: bool = False) -> Array:
   """Switch load-balance loss E · Σ_e f_e · P_e per group, averaged over groups.
 
-  probs [g,s,e]; first_choice [g,s] int (before capacity); valid [g,s] bool. Equals 1 for a
-  uniform router. Groups without real tokens do not count.
+  probs [g,s,e]; chosen [g,s,j] int, the experts each token counts in f (its first choice, j=1,
+  or all k choices; before capacity); valid [g,s] bool. f_e is the fraction of tokens that chose
+  e, P_e the mean router probability. Equals 1 for a uniform top-1 router. Over real tokens:
+  padding is left out and groups without real tokens do not count. all_tokens (flaxformer, HF):
+  f and P are means over all s slots of every group, padding counted as choosing nothing with
+  probability 0.
   """
   num_experts = probs.shape[-1]
   w = valid.astype(jnp.float32)
+  chose = jnp.max(jax.nn.one_hot(chosen, num_experts), axis=-2)  # [g,s,e] each expert once
   n = w.sum(-1)  # [g]
-  denom = jnp.maximum(n, 1.0)[:, None]
-  f = jnp.einsum("gse,gs->ge", jax.nn.one_hot(first_choice, num_experts), w) / denom
+  denom = (jnp.full_like(n, w.shape[-1]) if all_tokens else jnp.maximum(n, 1.0))[:, None]
+  f = jnp.einsum("gse,gs->ge", chose, w) / denom
   p = jnp.einsum("gse,gs->ge", probs, w) / denom
   per_group = num_experts * jnp.sum(f * p, axis=-1)
+  if all_tokens:
+    return jnp.mean(per_group)
   return _masked_mean(per_group, (n > 0).astype(jnp.float32))
 
 
-def router_z_loss(logits: Array, valid: Array) -> Array:
-  """ST-MoE router z-loss: mean over real tokens of logsumexp(logits)². logits [g,s,e]."""
+def router_z_loss(logits: Array, valid: Array, *, all_tokens: bool = False) -> Array:
+  """ST-MoE router z-loss: mean of logsumexp(logits)². logits [g,s,e]; valid [g,s].
+
+  Over real tokens by default; all_tokens (flaxformer) averages over all slots with padding
+  logits zeroed, so each padding slot adds log(E)².
+  """
+  if all_tokens:
+    return jnp.mean(jax.nn.logsumexp(jnp.where(valid[..., None], logits, 0.0), axis=-1) ** 2)
   z = jax.nn.logsumexp(logits, axis=-1) ** 2
   return _masked_mean(z, valid.astype(jnp.float32))
 
@@ -147,10 +163,20 @@ class Router(nn.Module):
     jitter_noise: ε of the multiplicative input jitter x · U(1-ε, 1+ε), training only, drawn from
       the 'router' rng stream.
     router_init_scale: variance-scaling (fan-in, truncated normal) scale; Switch uses 0.1.
+    router_init_std: when set, init the weights N(0, std²) instead (flaxformer: 0.02).
+    loss_tokens: 'real' averages the load-balance and z-losses over real tokens; 'all' over
+      every slot of every group, padding included (flaxformer, HF).
   """
   num_experts: int
   jitter_noise: float = 0.0
   router_init_scale: float = 0.1
+  router_init_std: float | None = None
+  loss_tokens: str = "real"
+
+  def __post_init__(self):
+    if self.loss_tokens not in LOSS_TOKENS:
+      raise ValueError(f"loss_tokens={self.loss_tokens!r} is not one of {LOSS_TOKENS}")
+    super().__post_init__()
 
   # Whether the router may be used where tokens must not see later tokens (decoders).
   causal_safe: ClassVar[bool] = True
@@ -167,13 +193,18 @@ class Router(nn.Module):
     if self.jitter_noise > 0 and not deterministic:
       x = x * jax.random.uniform(self.make_rng("router"), x.shape, jnp.float32,
                                  1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-    init = nn.initializers.variance_scaling(self.router_init_scale, "fan_in", "truncated_normal")
+    init = (nn.initializers.normal(self.router_init_std) if self.router_init_std is not None
+            else nn.initializers.variance_scaling(self.router_init_scale, "fan_in",
+                                                  "truncated_normal"))
     w = self.param("w", nn.with_logical_partitioning(init, ("embed", "unmodeled")),
                    (x.shape[-1], self.num_experts), jnp.float32)
     return jnp.einsum("gsm,me->gse", x, jnp.asarray(w, jnp.float32))
 
   def route(self, logits: Array, valid: Array, capacity: int, deterministic: bool) -> RouterOutput:
     raise NotImplementedError
+
+  def z_loss(self, logits: Array, valid: Array) -> Array:
+    return router_z_loss(logits, valid, all_tokens=self.loss_tokens == "all")
 
   def __call__(self, x: Array, *, capacity: int, valid: Array | None = None,
                deterministic: bool) -> RouterOutput:
@@ -200,6 +231,9 @@ class TokensChooseRouter(Router):
       them (GShard, Mesh-TF); False normalizes over the kept ones (fairseq, DeepSpeed).
     batch_prioritized: V-MoE batch-prioritized routing: tokens with a higher top-1 probability
       take capacity first. Leaks later tokens' routing, so decoders refuse it.
+    load_balance_choices: 'first' counts each token's first choice in the load-balance loss's
+      f (Switch paper, GShard); 'all' counts every one of its k choices (flaxformer, HF), about
+      k times larger.
   """
   num_selected_experts: int = 1
   second_expert_policy: str = "all"
@@ -208,8 +242,12 @@ class TokensChooseRouter(Router):
   normalize_gates: bool = False
   normalize_before_drop: bool = True
   batch_prioritized: bool = False
+  load_balance_choices: str = "first"
 
   def __post_init__(self):
+    if self.load_balance_choices not in LOAD_BALANCE_CHOICES:
+      raise ValueError(f"load_balance_choices={self.load_balance_choices!r} is not one of "
+                       f"{LOAD_BALANCE_CHOICES}")
     for name in ("second_expert_policy", "eval_second_expert_policy"):
       if getattr(self, name) not in SECOND_EXPERT_POLICIES:
         raise ValueError(f"{name}={getattr(self, name)!r} is not one of {SECOND_EXPERT_POLICIES}")
@@ -236,6 +274,7 @@ class TokensChooseRouter(Router):
 
     gate, index = _top_k(probs, k)  # [g,s,k]
     first_choice, first_prob = index[..., 0], gate[..., 0]  # [g,s]
+    balanced = index if self.load_balance_choices == "all" else index[..., :1]  # before sampling
     if policy == "sampling" and k > 1:
       # Choices 2..k drawn without replacement (Gumbel top-k) with the first expert masked.
       gumbel = jax.random.gumbel(self.make_rng("router"), logits.shape)
@@ -274,8 +313,9 @@ class TokensChooseRouter(Router):
 
     return RouterOutput(
         expert_index=index, slot=slot, gate=gate, kept=kept,
-        load_balance_loss=load_balance_loss(probs, first_choice, valid),
-        router_z_loss=router_z_loss(logits, valid),
+        load_balance_loss=load_balance_loss(probs, balanced, valid,
+                                            all_tokens=self.loss_tokens == "all"),
+        router_z_loss=self.z_loss(logits, valid),
         metrics=routing_metrics(probs, kept, index, valid))
 
 
@@ -303,7 +343,7 @@ class ExpertsChooseRouter(Router):
     return RouterOutput(
         expert_index=index, slot=slot, gate=jnp.where(kept, probs, 0.0), kept=kept,
         load_balance_loss=jnp.zeros((), jnp.float32),
-        router_z_loss=router_z_loss(logits, valid),
+        router_z_loss=self.z_loss(logits, valid),
         metrics=routing_metrics(probs, kept, index, valid))
 
 
