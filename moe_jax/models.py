@@ -37,6 +37,9 @@ class T5Config:
   activations: ('relu',) T5 v1.0 / Switch; ('gelu', 'linear') T5 v1.1 gated-gelu.
   logits_via_embedding: tied output embedding (the decoder output is scaled by emb_dim^-0.5
     before the head, as Mesh-TF); False: separate logits_dense [m, v].
+  shared_input_embedding: one input embedding for encoder and decoder (T5, Switch); False gives
+    each stack its own (encoder_token_embedder, decoder_token_embedder), as transformers 5
+    saves a model with tie_word_embeddings=False.
   encoder_sparse_step / decoder_sparse_step: see the module docstring.
   init_scale: variance-scaling scale of the attention, dense MLP and logits_dense kernels (1.0
     as T5; the Switch paper, Sec. 2.4, uses 0.1 for all weights). Embeddings and the relative
@@ -53,6 +56,7 @@ class T5Config:
   activations: tuple[str, ...] = ("relu",)
   dropout_rate: float = 0.1
   logits_via_embedding: bool = True
+  shared_input_embedding: bool = True
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   layer_norm_epsilon: float = 1e-6
@@ -162,7 +166,7 @@ class DecoderLayer(nn.Module):
 class Encoder(nn.Module):
   """Token ids -> encoded [b,l,m]; one relative position bias table shared by all layers."""
   config: T5Config
-  shared_embedding: nn.Module
+  embedder: nn.Module
   moe: moe_layer.MoeLayer | None = None
 
   @nn.compact
@@ -177,7 +181,7 @@ class Encoder(nn.Module):
         c.num_heads, c.relative_attention_num_buckets, c.relative_attention_max_distance,
         c.compute_dtype, name="relpos_bias")(positions, positions, bidirectional=True)
     dropout = nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))
-    x = dropout(self.shared_embedding(tokens), deterministic=deterministic)
+    x = dropout(self.embedder(tokens), deterministic=deterministic)
     for i in range(c.num_encoder_layers):
       moe = self.moe if is_sparse_layer(i, c.encoder_sparse_step) else None
       x = EncoderLayer(c, moe, name=f"layers_{i}")(x, mask, bias, valid,
@@ -194,7 +198,7 @@ class Decoder(nn.Module):
   length) to compute that step's relative position bias.
   """
   config: T5Config
-  shared_embedding: nn.Module
+  embedder: nn.Module
   moe: moe_layer.MoeLayer | None = None
 
   @nn.compact
@@ -233,7 +237,7 @@ class Decoder(nn.Module):
                                               encoder_segment_ids)
 
     dropout = nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))
-    x = dropout(self.shared_embedding(decoder_input_tokens), deterministic=deterministic)
+    x = dropout(self.embedder(decoder_input_tokens), deterministic=deterministic)
     for i in range(c.num_decoder_layers):
       moe = self.moe if is_sparse_layer(i, c.decoder_sparse_step) else None
       x = DecoderLayer(c, moe, name=f"layers_{i}")(
@@ -244,7 +248,7 @@ class Decoder(nn.Module):
 
     if c.logits_via_embedding:
       # Mesh-TF rescales the decoder output before the tied head.
-      logits = self.shared_embedding.attend(x * (c.emb_dim ** -0.5))
+      logits = self.embedder.attend(x * (c.emb_dim ** -0.5))
     else:
       kernel = self.param(
           "logits_dense",
@@ -275,9 +279,15 @@ class Transformer(nn.Module):
       if step > 0 and factory is None:
         raise ValueError(f"{stack}_sparse_step={step} needs Transformer.{stack}_moe "
                          "(an MoE layer template)")
-    self.token_embedder = layers.Embed(c.vocab_size, c.emb_dim, c.compute_dtype)
-    self.encoder = Encoder(c, self.token_embedder, self.encoder_moe)
-    self.decoder = Decoder(c, self.token_embedder, self.decoder_moe)
+    if c.shared_input_embedding:
+      self.token_embedder = layers.Embed(c.vocab_size, c.emb_dim, c.compute_dtype)
+      encoder_embedder = decoder_embedder = self.token_embedder
+    else:
+      self.encoder_token_embedder = layers.Embed(c.vocab_size, c.emb_dim, c.compute_dtype)
+      self.decoder_token_embedder = layers.Embed(c.vocab_size, c.emb_dim, c.compute_dtype)
+      encoder_embedder, decoder_embedder = self.encoder_token_embedder, self.decoder_token_embedder
+    self.encoder = Encoder(c, encoder_embedder, self.encoder_moe)
+    self.decoder = Decoder(c, decoder_embedder, self.decoder_moe)
 
   def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None, *,
              deterministic: bool) -> Array:
