@@ -184,9 +184,14 @@ def test_top2_router_matches_nllb_moe(normalize_before_drop, batch_prioritized):
   with torch.no_grad():
     hf_top1, hf_combine, _ = hf_router(x, padding_mask=padding)
 
-  router = routing.TokensChooseRouter(
-      num_experts=e, num_selected_experts=2, normalize_gates=True,
-      normalize_before_drop=normalize_before_drop, batch_prioritized=batch_prioritized)
+  # The NLLB preset, with the two router options NllbMoeConfig varies here.
+  moe = config.build_model(
+      ["models/switch_tiny.gin", "semantics/nllb_top2.gin"],
+      ["VOCAB_SIZE = 100", f"NUM_EXPERTS = {e}", f"EXPERT_CAPACITY = {capacity}",
+       f"routing.TokensChooseRouter.normalize_before_drop = {normalize_before_drop}",
+       f"routing.TokensChooseRouter.batch_prioritized = {batch_prioritized}"]).module.encoder_moe
+  assert moe.group_shape(1, s, 1) == (1, s) and moe.expert_capacity(s, True) == capacity
+  router = moe.router
   w = hf_router.classifier.weight.detach().numpy().T  # [m, e]
   out = router.apply({"params": {"w": jnp.asarray(w)}}, jnp.asarray(x.numpy())[None],
                      capacity=capacity, valid=jnp.asarray(~padding.numpy())[None],
