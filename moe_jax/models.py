@@ -98,11 +98,13 @@ def _make_mlp(config: T5Config, moe: moe_layer.MoeLayer | None, causal: bool) ->
                          config.compute_dtype, config.init_scale)
 
 
-def _apply_mlp(mlp: nn.Module, x: Array, valid: Array | None, deterministic: bool) -> Array:
-  """MoE layers also get the padding mask so padding is never routed."""
+def _apply_mlp(mlp: nn.Module, x: Array, valid: Array | None, deterministic: bool,
+               decode: bool = False, decode_length: int | None = None) -> Array:
+  """MoE layers also get the padding mask so padding is never routed, and while decoding the
+  sequence length, so a step routes as scoring the sequence does."""
   if isinstance(mlp, layers.MlpBlock):
     return mlp(x, deterministic=deterministic)
-  return mlp(x, valid, deterministic=deterministic)
+  return mlp(x, valid, deterministic=deterministic, decode=decode, decode_length=decode_length)
 
 
 class EncoderLayer(nn.Module):
@@ -148,17 +150,19 @@ class DecoderLayer(nn.Module):
     self.dropout = nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))
 
   def __call__(self, x: Array, encoded: Array, self_mask: Array | None, bias: Array,
-               cross_mask: Array, valid: Array | None, *, deterministic: bool,
-               decode: bool) -> Array:
+               cross_mask: Array, valid: Array, *, deterministic: bool, decode: bool,
+               decode_length: int | None = None) -> Array:
     """x [b,l,m]; encoded [b,le,m]; self_mask [b,1,l,l] (None while decoding with a cache);
-    bias [1,h,l,l']; cross_mask [b,1,l,le]; valid [b,l] or None -> [b,l,m]."""
+    bias [1,h,l,l']; cross_mask [b,1,l,le]; valid [b,l]; decode_length: the cache length
+    while stepping -> [b,l,m]."""
     y = self.pre_self_attention_layer_norm(x)
     y = self.self_attention(y, y, self_mask, bias, deterministic=deterministic, decode=decode)
     x = x + self.dropout(y, deterministic=deterministic)
     y = self.pre_cross_attention_layer_norm(x)
     y = self.encoder_decoder_attention(y, encoded, cross_mask, deterministic=deterministic)
     x = x + self.dropout(y, deterministic=deterministic)
-    y = _apply_mlp(self.mlp, self.pre_mlp_layer_norm(x), valid, deterministic)
+    y = _apply_mlp(self.mlp, self.pre_mlp_layer_norm(x), valid, deterministic, decode,
+                   decode_length)
     x = x + self.dropout(y, deterministic=deterministic)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -220,9 +224,12 @@ class Decoder(nn.Module):
         raise ValueError("cached decoding takes one token per step and needs max_decode_length")
       position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
       bias = relpos(position.value[None], jnp.arange(max_decode_length), bidirectional=False)
+      # A row that fed EOS or PAD after the start token is finished: like the padding after a
+      # target's EOS in scoring, it takes no expert capacity.
+      ids = decoder_input_tokens
+      valid = ((ids != 0) & (ids != EOS_ID)) | (position.value == 0)
       position.value = position.value + 1
       self_mask = None  # the attention cache masks the positions not yet written
-      valid = None  # every generated token is real
       cross_mask = layers.make_attention_mask(jnp.ones((b, 1), bool), encoder_valid)
     else:
       if decode:  # cache-creating call
@@ -242,7 +249,7 @@ class Decoder(nn.Module):
       moe = self.moe if is_sparse_layer(i, c.decoder_sparse_step) else None
       x = DecoderLayer(c, moe, name=f"layers_{i}")(
           x, encoded, self_mask, bias, cross_mask, valid, deterministic=deterministic,
-          decode=decode)
+          decode=decode, decode_length=max_decode_length if stepping else None)
     x = layers.RMSNorm(c.layer_norm_epsilon, c.compute_dtype, name="decoder_norm")(x)
     x = dropout(x, deterministic=deterministic)
 

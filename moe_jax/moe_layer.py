@@ -83,6 +83,9 @@ class MoeLayer(nn.Module):
     dropout_rate: expert dropout on the hidden activations.
     dropout_broadcast_tokens: one dropout mask per expert shared by all its tokens
       (flaxformer's MlpBlock in a vmap); False drops element-wise.
+    decode_as_scoring: cached decoding carries each sequence's expert fill across steps, so it
+      routes as scoring the sequence does (see __call__); False routes every step on its own,
+      as HF's cached generate does.
     init_scale: variance-scaling scale of the expert kernels (Switch Sec. 2.4: 0.1); the
       router has its own router_init_scale.
     dtype: dtype of the dispatched activations and expert matmuls (bfloat16 on TPU); the router
@@ -106,6 +109,7 @@ class MoeLayer(nn.Module):
   activations: Sequence[str] = ("relu",)
   dropout_rate: float = 0.0
   dropout_broadcast_tokens: bool = False
+  decode_as_scoring: bool = True
   init_scale: float = 1.0
   dtype: Any = jnp.float32
   causal: bool = False
@@ -179,20 +183,49 @@ class MoeLayer(nn.Module):
         dropout_broadcast_tokens=self.dropout_broadcast_tokens)
 
   @nn.compact
-  def __call__(self, x: Array, padding_mask: Array | None = None, *,
-               deterministic: bool) -> Array:
-    """x [b,l,m]; padding_mask [b,l] (True = real token) -> [b,l,m] in x's dtype."""
+  def __call__(self, x: Array, padding_mask: Array | None = None, *, deterministic: bool,
+               decode: bool = False, decode_length: int | None = None) -> Array:
+    """x [b,l,m]; padding_mask [b,l] (True = real token) -> [b,l,m] in x's dtype.
+
+    decode=True: cached decoding. The first (cache-creating) call runs the full-length input
+    and creates the cache; every later call takes one token per sequence [b,1,m] of sequences
+    of decode_length tokens. When the full-length groups lie inside sequences (group_rule
+    'sequence', or S divides decode_length), each step routes every row as its own group and
+    the cache carries how many assignments each expert's slots already saw in the row's
+    current group, so a step keeps, drops and weighs tokens exactly as scoring the whole
+    sequence does (top-1; for k > 1 the step's choices compete in k-major order among
+    themselves only). Otherwise a step groups its b tokens as one batch of length 1.
+    """
     b, l, m = x.shape
     tokens = b * l
-    g, s = self.group_shape(b, l, dispatch_lib.batch_partitions())
     valid = (jnp.ones((b, l), bool) if padding_mask is None else padding_mask.astype(bool))
+    stepping = decode and self.has_variable("cache", "expert_fill")
+    fill = None
+    if decode:
+      row_fill = self.variable("cache", "expert_fill", jnp.zeros, (b, self.num_experts),
+                               jnp.int32)
+      position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+    if stepping:
+      if l != 1 or decode_length is None:
+        raise ValueError("cached MoE decoding takes one token per step and needs decode_length")
+      _, s_full = self.group_shape(b, decode_length, dispatch_lib.batch_partitions())
+    if stepping and self.decode_as_scoring and decode_length % s_full == 0:
+      g, s = b, 1
+      capacity = self.expert_capacity(s_full, deterministic)
+      fill = jnp.where(position.value % s_full == 0, 0, row_fill.value)  # a new group starts
+      position.value = position.value + 1
+    else:
+      g, s = self.group_shape(b, l, dispatch_lib.batch_partitions())
+      capacity = self.expert_capacity(s, deterministic)
     pad = g * s - tokens
     groups = jnp.pad(x.reshape(tokens, m), ((0, pad), (0, 0))).reshape(g, s, m)
     valid = jnp.pad(valid.reshape(tokens), (0, pad)).reshape(g, s)
     groups = nn.with_logical_constraint(groups, dispatch_lib.GROUP_AXES)
 
-    capacity = self.expert_capacity(s, deterministic)
-    decision = self.router(groups, capacity=capacity, valid=valid, deterministic=deterministic)
+    decision = self.router(groups, capacity=capacity, valid=valid, deterministic=deterministic,
+                           fill=fill)
+    if fill is not None:
+      row_fill.value = decision.fill
     y = dispatch_lib.STRATEGIES[self.dispatch_strategy()](
         groups.astype(self.dtype), decision, self.experts(m, deterministic), capacity)
 

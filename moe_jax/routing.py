@@ -63,6 +63,8 @@ class RouterOutput:
   kept:         [g, s, k] bool, assignment holds a slot (chosen, active, within capacity).
   load_balance_loss, router_z_loss: float32 scalars (unweighted).
   metrics: dict of float32 scalars and `expert_load` [e].
+  fill: [g, e] int32, assignments that competed for each expert's slots (the given
+    `fill` plus this call's active ones); what a decode step carries to the next.
   """
   expert_index: Array
   slot: Array
@@ -71,6 +73,7 @@ class RouterOutput:
   load_balance_loss: Array
   router_z_loss: Array
   metrics: dict[str, Array]
+  fill: Array | None = None
 
 
 def _masked_mean(x: Array, w: Array) -> Array:
@@ -200,18 +203,21 @@ class Router(nn.Module):
                    (x.shape[-1], self.num_experts), jnp.float32)
     return jnp.einsum("gsm,me->gse", x, jnp.asarray(w, jnp.float32))
 
-  def route(self, logits: Array, valid: Array, capacity: int, deterministic: bool) -> RouterOutput:
+  def route(self, logits: Array, valid: Array, capacity: int, deterministic: bool,
+            fill: Array | None = None) -> RouterOutput:
     raise NotImplementedError
 
   def z_loss(self, logits: Array, valid: Array) -> Array:
     return router_z_loss(logits, valid, all_tokens=self.loss_tokens == "all")
 
   def __call__(self, x: Array, *, capacity: int, valid: Array | None = None,
-               deterministic: bool) -> RouterOutput:
-    """x [g,s,m]; valid [g,s] bool marks real (non-padding) tokens; capacity = C."""
+               deterministic: bool, fill: Array | None = None) -> RouterOutput:
+    """x [g,s,m]; valid [g,s] bool marks real (non-padding) tokens; capacity = C. fill [g,e]:
+    slots already taken in each group by earlier tokens (cached decoding; tokens choose only)."""
     if valid is None:
       valid = jnp.ones(x.shape[:2], bool)
-    return self.route(self.router_logits(x, deterministic), valid, capacity, deterministic)
+    return self.route(self.router_logits(x, deterministic), valid, capacity, deterministic,
+                      fill)
 
 
 class TokensChooseRouter(Router):
@@ -266,7 +272,8 @@ class TokensChooseRouter(Router):
   def capacity_k(self) -> int:
     return self.num_selected_experts
 
-  def route(self, logits: Array, valid: Array, capacity: int, deterministic: bool) -> RouterOutput:
+  def route(self, logits: Array, valid: Array, capacity: int, deterministic: bool,
+            fill: Array | None = None) -> RouterOutput:
     g, s, e = logits.shape
     k = self.num_selected_experts
     probs = jax.nn.softmax(logits, axis=-1)
@@ -304,6 +311,11 @@ class TokensChooseRouter(Router):
       slot = jnp.take_along_axis(slot, take_back[..., None], axis=1)
     else:
       slot = _slots(index, active, e)
+    competing = jnp.einsum("gske->ge", jax.nn.one_hot(index, e, dtype=jnp.int32)
+                           * active[..., None])
+    if fill is not None:  # earlier tokens of the group hold the first fill[g, e] slots
+      slot = slot + jnp.take_along_axis(fill[:, None, :], index, axis=-1)
+      competing = competing + fill
     kept = active & (slot < capacity)
 
     if self.normalize_gates and not self.normalize_before_drop:
@@ -316,7 +328,7 @@ class TokensChooseRouter(Router):
         load_balance_loss=load_balance_loss(probs, balanced, valid,
                                             all_tokens=self.loss_tokens == "all"),
         router_z_loss=self.z_loss(logits, valid),
-        metrics=routing_metrics(probs, kept, index, valid))
+        metrics=routing_metrics(probs, kept, index, valid), fill=competing)
 
 
 class ExpertsChooseRouter(Router):
@@ -325,7 +337,9 @@ class ExpertsChooseRouter(Router):
   construction; reported as 0). Sees the whole group, so decoders refuse it."""
   causal_safe: ClassVar[bool] = False
 
-  def route(self, logits: Array, valid: Array, capacity: int, deterministic: bool) -> RouterOutput:
+  def route(self, logits: Array, valid: Array, capacity: int, deterministic: bool,
+            fill: Array | None = None) -> RouterOutput:
+    del fill  # never decodes (causal_safe is False)
     g, s, e = logits.shape
     if capacity > s:
       raise ValueError(f"expert capacity {capacity} exceeds the group size {s} (expert choice)")
