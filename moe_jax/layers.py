@@ -4,8 +4,9 @@ Semantics follow T5 / Mesh-TF (and so t5x and HF transformers): no 1/sqrt(d_kv) 
 (it is folded into the query initialization), bucketed relative position bias shared by all
 layers of a stack, RMS layer norm without mean subtraction or bias.
 
-Every parameter carries logical axis names (see CONTRACTS / moe_jax.partitioning) and key
-activations are constrained with logical names; both are no-ops without rules and a mesh.
+Every parameter carries logical axis names (docs/design.md, section 5; moe_jax.partitioning)
+and key activations are constrained with logical names; both are no-ops without rules and a
+mesh.
 Shape letters: b batch, l length (q query / k key length), m d_model, h heads, d d_kv, f d_ff,
 v vocab.
 """
