@@ -37,6 +37,7 @@ setuptools.setup(
         # HF transformers Switch/T5 import and export (scripts/convert_hf_switch.py).
         "hf": ["safetensors>=0.4", "transformers>=4.45", "torch==2.13.0"],
         "test": [
+            "aqtp==0.9.0",  # flaxformer (the parity tests' reference) imports it
             "safetensors>=0.4",
             "pytest>=8.0",
             "pytest-xdist>=3.5",

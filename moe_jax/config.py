@@ -117,8 +117,9 @@ def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
 def build_model(gin_files: Sequence[str], bindings: Sequence[str] = (),
                 search_paths: Sequence[str] | None = None):
   """The MODEL a model gin defines, e.g. build_model(['models/switch_tiny.gin']): for notebooks,
-  benchmarks and scripts that want the model without the trainer. Leaves the gin config parsed
-  (unlocked) so other configurables can still be queried."""
+  benchmarks and scripts that want the model without the trainer. The model is built here, MoE
+  layer templates included, and reads no gin afterwards: a later parse or clear leaves it as
+  it is. Leaves the gin config parsed (unlocked) so other configurables can still be queried."""
   parse_gin(gin_files, bindings, search_paths, finalize=False)
   try:
     reference = gin.query_parameter("%MODEL")

@@ -38,18 +38,25 @@ HIDDEN_AXES = ("expert", "expert_replicas", "unmodeled", "expert_mlp")
 class Experts:
   """Stacked expert FFN weights: wi a list of [e,m,h] (one per activation; gated when two),
   wo [e,h,m], all already in the compute dtype. Dropout at dropout_rate acts on the hidden
-  activations when dropout_rng is given (training)."""
+  activations when dropout_rng is given (training): element-wise, or with
+  dropout_broadcast_tokens one mask [e,h] per expert shared by all its tokens."""
   wi: Sequence[Array]
   wo: Array
   activations: Sequence[Callable[[Array], Array]]
   dropout_rate: float = 0.0
   dropout_rng: Array | None = None
+  dropout_broadcast_tokens: bool = False
 
-  def dropout(self, h: Array) -> Array:
+  def dropout(self, h: Array, row_expert: Array | None = None) -> Array:
+    """h [e,g,c,h], or rows [n,h] whose experts are row_expert [n]."""
     if self.dropout_rng is None or self.dropout_rate == 0.0:
       return h
     keep = 1.0 - self.dropout_rate
-    mask = jax.random.bernoulli(self.dropout_rng, keep, h.shape)
+    if not self.dropout_broadcast_tokens:
+      mask = jax.random.bernoulli(self.dropout_rng, keep, h.shape)
+    else:
+      mask = jax.random.bernoulli(self.dropout_rng, keep, (self.wo.shape[0], h.shape[-1]))
+      mask = mask[:, None, None] if row_expert is None else mask[row_expert]
     return jnp.where(mask, h / keep, 0.0).astype(h.dtype)
 
   def dense(self, x: Array) -> Array:
@@ -65,7 +72,11 @@ class Experts:
     h = 1.0
     for w, act in zip(self.wi, self.activations):
       h = h * act(jax.lax.ragged_dot(x, w, group_sizes))
-    return jax.lax.ragged_dot(self.dropout(h), self.wo, group_sizes)
+    row_expert = None
+    if self.dropout_broadcast_tokens:  # rows past the last expert's clamp to it; they come out 0
+      row_expert = jnp.repeat(jnp.arange(group_sizes.shape[0]), group_sizes,
+                              total_repeat_length=x.shape[0])
+    return jax.lax.ragged_dot(self.dropout(h, row_expert), self.wo, group_sizes)
 
 
 def dispatch_and_combine(decision: RouterOutput, num_experts: int, capacity: int,

@@ -4,8 +4,9 @@ Semantics follow T5 / Mesh-TF (and so t5x and HF transformers): no 1/sqrt(d_kv) 
 (it is folded into the query initialization), bucketed relative position bias shared by all
 layers of a stack, RMS layer norm without mean subtraction or bias.
 
-Every parameter carries logical axis names (see CONTRACTS / moe_jax.partitioning) and key
-activations are constrained with logical names; both are no-ops without rules and a mesh.
+Every parameter carries logical axis names (docs/design.md, section 5; moe_jax.partitioning)
+and key activations are constrained with logical names; both are no-ops without rules and a
+mesh.
 Shape letters: b batch, l length (q query / k key length), m d_model, h heads, d d_kv, f d_ff,
 v vocab.
 """
@@ -143,6 +144,7 @@ class MultiHeadDotProductAttention(nn.Module):
   head_dim: int
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  init_scale: float = 1.0  # variance-scaling scale of every kernel (Switch Sec. 2.4: 0.1)
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None,
@@ -159,9 +161,10 @@ class MultiHeadDotProductAttention(nn.Module):
       return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
     # T5 folds the 1/sqrt(d_kv) of scaled dot-product attention into the query init.
-    query = project("query", inputs_q, _kernel_init(0, (1, 2), 1.0 / d))
-    key = project("key", inputs_kv, _kernel_init(0, (1, 2)))
-    value = project("value", inputs_kv, _kernel_init(0, (1, 2)))
+    scale = self.init_scale
+    query = project("query", inputs_q, _kernel_init(0, (1, 2), scale / d))
+    key = project("key", inputs_kv, _kernel_init(0, (1, 2), scale))
+    value = project("value", inputs_kv, _kernel_init(0, (1, 2), scale))
 
     if decode:
       is_initialized = self.has_variable("cache", "cached_key")
@@ -190,7 +193,7 @@ class MultiHeadDotProductAttention(nn.Module):
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
     y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value)
     y = nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
-    wo = self.param("out", nn.with_logical_partitioning(_kernel_init((0, 1), 2),
+    wo = self.param("out", nn.with_logical_partitioning(_kernel_init((0, 1), 2, scale),
                                                         ("heads", "kv", "embed")),
                     (h, d, m), jnp.float32)
     out = jnp.einsum("bqhd,hdm->bqm", y, jnp.asarray(wo, self.dtype))
@@ -204,6 +207,7 @@ class MlpBlock(nn.Module):
   activations: Sequence[str] = ("relu",)
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  init_scale: float = 1.0  # variance-scaling scale of wi and wo (Switch Sec. 2.4: 0.1)
 
   def __post_init__(self):
     check_activations(self.activations)
@@ -213,7 +217,7 @@ class MlpBlock(nn.Module):
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
     """x [b,l,m] -> [b,l,m]."""
     m = x.shape[-1]
-    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
     hidden = 1.0
     for i, act in enumerate(self.activations):
       name = "wi" if len(self.activations) == 1 else f"wi_{i}"

@@ -13,7 +13,7 @@ layer, starting with the second).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax
 import flax.linen as nn
@@ -28,8 +28,6 @@ from moe_jax import moe_layer
 Array = jax.Array
 EOS_ID = 1  # PAD (0) also serves as the decoder's start token
 
-MoeFactory = Callable[..., nn.Module]
-
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
@@ -39,7 +37,13 @@ class T5Config:
   activations: ('relu',) T5 v1.0 / Switch; ('gelu', 'linear') T5 v1.1 gated-gelu.
   logits_via_embedding: tied output embedding (the decoder output is scaled by emb_dim^-0.5
     before the head, as Mesh-TF); False: separate logits_dense [m, v].
+  shared_input_embedding: one input embedding for encoder and decoder (T5, Switch); False gives
+    each stack its own (encoder_token_embedder, decoder_token_embedder), as transformers 5
+    saves a model with tie_word_embeddings=False.
   encoder_sparse_step / decoder_sparse_step: see the module docstring.
+  init_scale: variance-scaling scale of the attention, dense MLP and logits_dense kernels (1.0
+    as T5; the Switch paper, Sec. 2.4, uses 0.1 for all weights). Embeddings and the relative
+    position bias keep their own init; MoE experts take MoeLayer.init_scale.
   dtype: activation dtype ('float32' or 'bfloat16'); params and softmaxes stay float32.
   """
   vocab_size: int
@@ -52,11 +56,13 @@ class T5Config:
   activations: tuple[str, ...] = ("relu",)
   dropout_rate: float = 0.1
   logits_via_embedding: bool = True
+  shared_input_embedding: bool = True
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   layer_norm_epsilon: float = 1e-6
   encoder_sparse_step: int = 0
   decoder_sparse_step: int = 0
+  init_scale: float = 1.0
   dtype: Any = "float32"
 
   def __post_init__(self):
@@ -83,32 +89,34 @@ def sparse_layers(num_layers: int, sparse_step: int) -> list[int]:
   return [i for i in range(num_layers) if is_sparse_layer(i, sparse_step)]
 
 
-def _make_mlp(config: T5Config, moe: MoeFactory | None, causal: bool) -> nn.Module:
-  """The feed-forward of a layer. Called in the layer's setup so that a router instance made
-  by gin inside the factory call is adopted by the MoE layer (its params land in mlp/router)."""
+def _make_mlp(config: T5Config, moe: moe_layer.MoeLayer | None, causal: bool) -> nn.Module:
+  """The feed-forward of a layer: a fresh unbound copy of the stack's MoE template (so each
+  layer owns its params, router included, under mlp/), or a dense MlpBlock."""
   if moe is not None:
-    return moe(causal=causal)
+    return moe.copy(causal=causal)  # a deep copy: the router is copied too
   return layers.MlpBlock(config.mlp_dim, config.activations, config.dropout_rate,
-                         config.compute_dtype)
+                         config.compute_dtype, config.init_scale)
 
 
-def _apply_mlp(mlp: nn.Module, x: Array, valid: Array | None, deterministic: bool) -> Array:
-  """MoE layers also get the padding mask so padding is never routed."""
+def _apply_mlp(mlp: nn.Module, x: Array, valid: Array | None, deterministic: bool,
+               decode: bool = False, decode_length: int | None = None) -> Array:
+  """MoE layers also get the padding mask so padding is never routed, and while decoding the
+  sequence length, so a step routes as scoring the sequence does."""
   if isinstance(mlp, layers.MlpBlock):
     return mlp(x, deterministic=deterministic)
-  return mlp(x, valid, deterministic=deterministic)
+  return mlp(x, valid, deterministic=deterministic, decode=decode, decode_length=decode_length)
 
 
 class EncoderLayer(nn.Module):
   """Self-attention (bidirectional) + feed-forward, pre-norm with residuals."""
   config: T5Config
-  moe: MoeFactory | None = None
+  moe: moe_layer.MoeLayer | None = None
 
   def setup(self):
     c = self.config
     self.pre_attention_layer_norm = layers.RMSNorm(c.layer_norm_epsilon, c.compute_dtype)
     self.attention = layers.MultiHeadDotProductAttention(c.num_heads, c.head_dim, c.dropout_rate,
-                                                         c.compute_dtype)
+                                                         c.compute_dtype, c.init_scale)
     self.pre_mlp_layer_norm = layers.RMSNorm(c.layer_norm_epsilon, c.compute_dtype)
     self.mlp = _make_mlp(c, self.moe, causal=False)
     self.dropout = nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))
@@ -127,12 +135,12 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
   """Causal self-attention + encoder-decoder attention + feed-forward, pre-norm."""
   config: T5Config
-  moe: MoeFactory | None = None
+  moe: moe_layer.MoeLayer | None = None
 
   def setup(self):
     c = self.config
     attention = lambda: layers.MultiHeadDotProductAttention(  # noqa: E731
-        c.num_heads, c.head_dim, c.dropout_rate, c.compute_dtype)
+        c.num_heads, c.head_dim, c.dropout_rate, c.compute_dtype, c.init_scale)
     self.pre_self_attention_layer_norm = layers.RMSNorm(c.layer_norm_epsilon, c.compute_dtype)
     self.self_attention = attention()
     self.pre_cross_attention_layer_norm = layers.RMSNorm(c.layer_norm_epsilon, c.compute_dtype)
@@ -142,17 +150,19 @@ class DecoderLayer(nn.Module):
     self.dropout = nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))
 
   def __call__(self, x: Array, encoded: Array, self_mask: Array | None, bias: Array,
-               cross_mask: Array, valid: Array | None, *, deterministic: bool,
-               decode: bool) -> Array:
+               cross_mask: Array, valid: Array, *, deterministic: bool, decode: bool,
+               decode_length: int | None = None) -> Array:
     """x [b,l,m]; encoded [b,le,m]; self_mask [b,1,l,l] (None while decoding with a cache);
-    bias [1,h,l,l']; cross_mask [b,1,l,le]; valid [b,l] or None -> [b,l,m]."""
+    bias [1,h,l,l']; cross_mask [b,1,l,le]; valid [b,l]; decode_length: the cache length
+    while stepping -> [b,l,m]."""
     y = self.pre_self_attention_layer_norm(x)
     y = self.self_attention(y, y, self_mask, bias, deterministic=deterministic, decode=decode)
     x = x + self.dropout(y, deterministic=deterministic)
     y = self.pre_cross_attention_layer_norm(x)
     y = self.encoder_decoder_attention(y, encoded, cross_mask, deterministic=deterministic)
     x = x + self.dropout(y, deterministic=deterministic)
-    y = _apply_mlp(self.mlp, self.pre_mlp_layer_norm(x), valid, deterministic)
+    y = _apply_mlp(self.mlp, self.pre_mlp_layer_norm(x), valid, deterministic, decode,
+                   decode_length)
     x = x + self.dropout(y, deterministic=deterministic)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -160,8 +170,8 @@ class DecoderLayer(nn.Module):
 class Encoder(nn.Module):
   """Token ids -> encoded [b,l,m]; one relative position bias table shared by all layers."""
   config: T5Config
-  shared_embedding: nn.Module
-  moe: MoeFactory | None = None
+  embedder: nn.Module
+  moe: moe_layer.MoeLayer | None = None
 
   @nn.compact
   def __call__(self, tokens: Array, segment_ids: Array | None = None, *,
@@ -175,7 +185,7 @@ class Encoder(nn.Module):
         c.num_heads, c.relative_attention_num_buckets, c.relative_attention_max_distance,
         c.compute_dtype, name="relpos_bias")(positions, positions, bidirectional=True)
     dropout = nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))
-    x = dropout(self.shared_embedding(tokens), deterministic=deterministic)
+    x = dropout(self.embedder(tokens), deterministic=deterministic)
     for i in range(c.num_encoder_layers):
       moe = self.moe if is_sparse_layer(i, c.encoder_sparse_step) else None
       x = EncoderLayer(c, moe, name=f"layers_{i}")(x, mask, bias, valid,
@@ -192,8 +202,8 @@ class Decoder(nn.Module):
   length) to compute that step's relative position bias.
   """
   config: T5Config
-  shared_embedding: nn.Module
-  moe: MoeFactory | None = None
+  embedder: nn.Module
+  moe: moe_layer.MoeLayer | None = None
 
   @nn.compact
   def __call__(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
@@ -214,9 +224,12 @@ class Decoder(nn.Module):
         raise ValueError("cached decoding takes one token per step and needs max_decode_length")
       position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
       bias = relpos(position.value[None], jnp.arange(max_decode_length), bidirectional=False)
+      # A row that fed EOS or PAD after the start token is finished: like the padding after a
+      # target's EOS in scoring, it takes no expert capacity.
+      ids = decoder_input_tokens
+      valid = ((ids != 0) & (ids != EOS_ID)) | (position.value == 0)
       position.value = position.value + 1
       self_mask = None  # the attention cache masks the positions not yet written
-      valid = None  # every generated token is real
       cross_mask = layers.make_attention_mask(jnp.ones((b, 1), bool), encoder_valid)
     else:
       if decode:  # cache-creating call
@@ -231,23 +244,23 @@ class Decoder(nn.Module):
                                               encoder_segment_ids)
 
     dropout = nn.Dropout(c.dropout_rate, broadcast_dims=(-2,))
-    x = dropout(self.shared_embedding(decoder_input_tokens), deterministic=deterministic)
+    x = dropout(self.embedder(decoder_input_tokens), deterministic=deterministic)
     for i in range(c.num_decoder_layers):
       moe = self.moe if is_sparse_layer(i, c.decoder_sparse_step) else None
       x = DecoderLayer(c, moe, name=f"layers_{i}")(
           x, encoded, self_mask, bias, cross_mask, valid, deterministic=deterministic,
-          decode=decode)
+          decode=decode, decode_length=max_decode_length if stepping else None)
     x = layers.RMSNorm(c.layer_norm_epsilon, c.compute_dtype, name="decoder_norm")(x)
     x = dropout(x, deterministic=deterministic)
 
     if c.logits_via_embedding:
       # Mesh-TF rescales the decoder output before the tied head.
-      logits = self.shared_embedding.attend(x * (c.emb_dim ** -0.5))
+      logits = self.embedder.attend(x * (c.emb_dim ** -0.5))
     else:
       kernel = self.param(
           "logits_dense",
           nn.with_logical_partitioning(
-              nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+              nn.initializers.variance_scaling(c.init_scale, "fan_in", "truncated_normal"),
               ("embed", "vocab")),
           (c.emb_dim, c.vocab_size), jnp.float32)
       logits = jnp.einsum("blm,mv->blv", x, jnp.asarray(kernel, c.compute_dtype))
@@ -263,8 +276,8 @@ class Transformer(nn.Module):
   sparse_step > 0.
   """
   config: T5Config
-  encoder_moe: MoeFactory | None = None
-  decoder_moe: MoeFactory | None = None
+  encoder_moe: moe_layer.MoeLayer | None = None
+  decoder_moe: moe_layer.MoeLayer | None = None
 
   def setup(self):
     c = self.config
@@ -272,10 +285,16 @@ class Transformer(nn.Module):
                                  ("decoder", c.decoder_sparse_step, self.decoder_moe)):
       if step > 0 and factory is None:
         raise ValueError(f"{stack}_sparse_step={step} needs Transformer.{stack}_moe "
-                         "(an MoE layer factory)")
-    self.token_embedder = layers.Embed(c.vocab_size, c.emb_dim, c.compute_dtype)
-    self.encoder = Encoder(c, self.token_embedder, self.encoder_moe)
-    self.decoder = Decoder(c, self.token_embedder, self.decoder_moe)
+                         "(an MoE layer template)")
+    if c.shared_input_embedding:
+      self.token_embedder = layers.Embed(c.vocab_size, c.emb_dim, c.compute_dtype)
+      encoder_embedder = decoder_embedder = self.token_embedder
+    else:
+      self.encoder_token_embedder = layers.Embed(c.vocab_size, c.emb_dim, c.compute_dtype)
+      self.decoder_token_embedder = layers.Embed(c.vocab_size, c.emb_dim, c.compute_dtype)
+      encoder_embedder, decoder_embedder = self.encoder_token_embedder, self.decoder_token_embedder
+    self.encoder = Encoder(c, encoder_embedder, self.encoder_moe)
+    self.decoder = Decoder(c, decoder_embedder, self.decoder_moe)
 
   def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None, *,
              deterministic: bool) -> Array:
@@ -330,17 +349,20 @@ class EncoderDecoderModel:
   Loss = cross-entropy (normalized by the real target tokens, decoder_loss_weights)
        + output z-loss (z_loss · logsumexp², same normalization)
        + aux_loss_factor · mean over MoE layers of the load-balance loss
-       + router_z_loss_factor · mean over MoE layers of the router z-loss.
+       + router_z_loss_factor · mean over MoE layers of the router z-loss
+  (aux_loss_layers='sum' sums over the layers instead, as Mesh TensorFlow and HF).
   Dense models (no MoE layers) have zero aux terms.
   """
 
   def __init__(self, module: Transformer, z_loss: float = 1e-4, aux_loss_factor: float = 0.01,
-               router_z_loss_factor: float = 0.0, label_smoothing: float = 0.0):
+               router_z_loss_factor: float = 0.0, label_smoothing: float = 0.0,
+               aux_loss_layers: str = "mean"):
     self.module = module
     self.z_loss = z_loss
     self.aux_loss_factor = aux_loss_factor
     self.router_z_loss_factor = router_z_loss_factor
     self.label_smoothing = label_smoothing
+    self.aux_loss_layers = aux_loss_layers  # 'mean' or 'sum' over MoE layers (moe_layer.summarize)
 
   # -- variables ---------------------------------------------------------------------------
 
@@ -393,7 +415,7 @@ class EncoderDecoderModel:
                                                   self.label_smoothing)
     cross_ent_loss = jnp.sum(cross_ent * weights) / denom
     z_loss = jnp.sum(z_term * weights) / denom
-    losses, moe_metrics = moe_layer.summarize(moe_state)
+    losses, moe_metrics = moe_layer.summarize(moe_state, self.aux_loss_layers)
     aux_loss = self.aux_loss_factor * losses["load_balance_loss"]
     router_z_loss = self.router_z_loss_factor * losses["router_z_loss"]
     loss = cross_ent_loss + z_loss + aux_loss + router_z_loss

@@ -411,7 +411,7 @@ EXPERT_HIDDEN_AXES = dispatch_lib.HIDDEN_AXES
 
 @dataclasses.dataclass(frozen=True)
 class MoeLayerGeometry:
-  """One MoE layer's token buffers in one step (letters as in DESIGN.md section 3)."""
+  """One MoE layer's token buffers in one step (letters as in docs/design.md, section 3)."""
   name: str
   num_groups: int  # g
   group_size: int  # s

@@ -4,7 +4,7 @@ Every router returns a `RouterOutput` in one format, `[g, s, k]` assignments (ex
 in that expert's buffer, gate, kept), so one dispatch code path serves them all. Expert choice
 uses k = E (assignment j of a token is "expert j took it or not").
 
-Semantics follow DESIGN.md section 4: router in float32, priority k-major (all first choices take
+Semantics follow docs/design.md ("Routing semantics"): router in float32, priority k-major (all first choices take
 capacity before any second choice), Switch combine weight = raw softmax probability, GShard
 top-2 with gate normalization and second-expert policies, expert choice.
 """
@@ -22,6 +22,8 @@ Array = jax.Array
 
 CAPACITY_MODES = ("ceil", "flaxformer", "mesh_tf")
 SECOND_EXPERT_POLICIES = ("all", "random", "sampling", "none")
+LOSS_TOKENS = ("real", "all")
+LOAD_BALANCE_CHOICES = ("first", "all")
 
 
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, *,
@@ -61,6 +63,8 @@ class RouterOutput:
   kept:         [g, s, k] bool, assignment holds a slot (chosen, active, within capacity).
   load_balance_loss, router_z_loss: float32 scalars (unweighted).
   metrics: dict of float32 scalars and `expert_load` [e].
+  fill: [g, e] int32, assignments that competed for each expert's slots (the given
+    `fill` plus this call's active ones); what a decode step carries to the next.
   """
   expert_index: Array
   slot: Array
@@ -69,30 +73,45 @@ class RouterOutput:
   load_balance_loss: Array
   router_z_loss: Array
   metrics: dict[str, Array]
+  fill: Array | None = None
 
 
 def _masked_mean(x: Array, w: Array) -> Array:
   return jnp.sum(x * w) / jnp.maximum(w.sum(), 1.0)
 
 
-def load_balance_loss(probs: Array, first_choice: Array, valid: Array) -> Array:
+def load_balance_loss(probs: Array, chosen: Array, valid: Array, *,
+                      all_tokens: bool = False) -> Array:
   """Switch load-balance loss E · Σ_e f_e · P_e per group, averaged over groups.
 
-  probs [g,s,e]; first_choice [g,s] int (before capacity); valid [g,s] bool. Equals 1 for a
-  uniform router. Groups without real tokens do not count.
+  probs [g,s,e]; chosen [g,s,j] int, the experts each token counts in f (its first choice, j=1,
+  or all k choices; before capacity); valid [g,s] bool. f_e is the fraction of tokens that chose
+  e, P_e the mean router probability. Equals 1 for a uniform top-1 router. Over real tokens:
+  padding is left out and groups without real tokens do not count. all_tokens (flaxformer, HF):
+  f and P are means over all s slots of every group, padding counted as choosing nothing with
+  probability 0.
   """
   num_experts = probs.shape[-1]
   w = valid.astype(jnp.float32)
+  chose = jnp.max(jax.nn.one_hot(chosen, num_experts), axis=-2)  # [g,s,e] each expert once
   n = w.sum(-1)  # [g]
-  denom = jnp.maximum(n, 1.0)[:, None]
-  f = jnp.einsum("gse,gs->ge", jax.nn.one_hot(first_choice, num_experts), w) / denom
+  denom = (jnp.full_like(n, w.shape[-1]) if all_tokens else jnp.maximum(n, 1.0))[:, None]
+  f = jnp.einsum("gse,gs->ge", chose, w) / denom
   p = jnp.einsum("gse,gs->ge", probs, w) / denom
   per_group = num_experts * jnp.sum(f * p, axis=-1)
+  if all_tokens:
+    return jnp.mean(per_group)
   return _masked_mean(per_group, (n > 0).astype(jnp.float32))
 
 
-def router_z_loss(logits: Array, valid: Array) -> Array:
-  """ST-MoE router z-loss: mean over real tokens of logsumexp(logits)². logits [g,s,e]."""
+def router_z_loss(logits: Array, valid: Array, *, all_tokens: bool = False) -> Array:
+  """ST-MoE router z-loss: mean of logsumexp(logits)². logits [g,s,e]; valid [g,s].
+
+  Over real tokens by default; all_tokens (flaxformer) averages over all slots with padding
+  logits zeroed, so each padding slot adds log(E)².
+  """
+  if all_tokens:
+    return jnp.mean(jax.nn.logsumexp(jnp.where(valid[..., None], logits, 0.0), axis=-1) ** 2)
   z = jax.nn.logsumexp(logits, axis=-1) ** 2
   return _masked_mean(z, valid.astype(jnp.float32))
 
@@ -147,10 +166,20 @@ class Router(nn.Module):
     jitter_noise: ε of the multiplicative input jitter x · U(1-ε, 1+ε), training only, drawn from
       the 'router' rng stream.
     router_init_scale: variance-scaling (fan-in, truncated normal) scale; Switch uses 0.1.
+    router_init_std: when set, init the weights N(0, std²) instead (flaxformer: 0.02).
+    loss_tokens: 'real' averages the load-balance and z-losses over real tokens; 'all' over
+      every slot of every group, padding included (flaxformer, HF).
   """
   num_experts: int
   jitter_noise: float = 0.0
   router_init_scale: float = 0.1
+  router_init_std: float | None = None
+  loss_tokens: str = "real"
+
+  def __post_init__(self):
+    if self.loss_tokens not in LOSS_TOKENS:
+      raise ValueError(f"loss_tokens={self.loss_tokens!r} is not one of {LOSS_TOKENS}")
+    super().__post_init__()
 
   # Whether the router may be used where tokens must not see later tokens (decoders).
   causal_safe: ClassVar[bool] = True
@@ -167,20 +196,28 @@ class Router(nn.Module):
     if self.jitter_noise > 0 and not deterministic:
       x = x * jax.random.uniform(self.make_rng("router"), x.shape, jnp.float32,
                                  1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-    init = nn.initializers.variance_scaling(self.router_init_scale, "fan_in", "truncated_normal")
+    init = (nn.initializers.normal(self.router_init_std) if self.router_init_std is not None
+            else nn.initializers.variance_scaling(self.router_init_scale, "fan_in",
+                                                  "truncated_normal"))
     w = self.param("w", nn.with_logical_partitioning(init, ("embed", "unmodeled")),
                    (x.shape[-1], self.num_experts), jnp.float32)
     return jnp.einsum("gsm,me->gse", x, jnp.asarray(w, jnp.float32))
 
-  def route(self, logits: Array, valid: Array, capacity: int, deterministic: bool) -> RouterOutput:
+  def route(self, logits: Array, valid: Array, capacity: int, deterministic: bool,
+            fill: Array | None = None) -> RouterOutput:
     raise NotImplementedError
 
+  def z_loss(self, logits: Array, valid: Array) -> Array:
+    return router_z_loss(logits, valid, all_tokens=self.loss_tokens == "all")
+
   def __call__(self, x: Array, *, capacity: int, valid: Array | None = None,
-               deterministic: bool) -> RouterOutput:
-    """x [g,s,m]; valid [g,s] bool marks real (non-padding) tokens; capacity = C."""
+               deterministic: bool, fill: Array | None = None) -> RouterOutput:
+    """x [g,s,m]; valid [g,s] bool marks real (non-padding) tokens; capacity = C. fill [g,e]:
+    slots already taken in each group by earlier tokens (cached decoding; tokens choose only)."""
     if valid is None:
       valid = jnp.ones(x.shape[:2], bool)
-    return self.route(self.router_logits(x, deterministic), valid, capacity, deterministic)
+    return self.route(self.router_logits(x, deterministic), valid, capacity, deterministic,
+                      fill)
 
 
 class TokensChooseRouter(Router):
@@ -200,6 +237,9 @@ class TokensChooseRouter(Router):
       them (GShard, Mesh-TF); False normalizes over the kept ones (fairseq, DeepSpeed).
     batch_prioritized: V-MoE batch-prioritized routing: tokens with a higher top-1 probability
       take capacity first. Leaks later tokens' routing, so decoders refuse it.
+    load_balance_choices: 'first' counts each token's first choice in the load-balance loss's
+      f (Switch paper, GShard); 'all' counts every one of its k choices (flaxformer, HF), about
+      k times larger.
   """
   num_selected_experts: int = 1
   second_expert_policy: str = "all"
@@ -208,8 +248,12 @@ class TokensChooseRouter(Router):
   normalize_gates: bool = False
   normalize_before_drop: bool = True
   batch_prioritized: bool = False
+  load_balance_choices: str = "first"
 
   def __post_init__(self):
+    if self.load_balance_choices not in LOAD_BALANCE_CHOICES:
+      raise ValueError(f"load_balance_choices={self.load_balance_choices!r} is not one of "
+                       f"{LOAD_BALANCE_CHOICES}")
     for name in ("second_expert_policy", "eval_second_expert_policy"):
       if getattr(self, name) not in SECOND_EXPERT_POLICIES:
         raise ValueError(f"{name}={getattr(self, name)!r} is not one of {SECOND_EXPERT_POLICIES}")
@@ -228,7 +272,8 @@ class TokensChooseRouter(Router):
   def capacity_k(self) -> int:
     return self.num_selected_experts
 
-  def route(self, logits: Array, valid: Array, capacity: int, deterministic: bool) -> RouterOutput:
+  def route(self, logits: Array, valid: Array, capacity: int, deterministic: bool,
+            fill: Array | None = None) -> RouterOutput:
     g, s, e = logits.shape
     k = self.num_selected_experts
     probs = jax.nn.softmax(logits, axis=-1)
@@ -236,6 +281,7 @@ class TokensChooseRouter(Router):
 
     gate, index = _top_k(probs, k)  # [g,s,k]
     first_choice, first_prob = index[..., 0], gate[..., 0]  # [g,s]
+    balanced = index if self.load_balance_choices == "all" else index[..., :1]  # before sampling
     if policy == "sampling" and k > 1:
       # Choices 2..k drawn without replacement (Gumbel top-k) with the first expert masked.
       gumbel = jax.random.gumbel(self.make_rng("router"), logits.shape)
@@ -265,6 +311,11 @@ class TokensChooseRouter(Router):
       slot = jnp.take_along_axis(slot, take_back[..., None], axis=1)
     else:
       slot = _slots(index, active, e)
+    competing = jnp.einsum("gske->ge", jax.nn.one_hot(index, e, dtype=jnp.int32)
+                           * active[..., None])
+    if fill is not None:  # earlier tokens of the group hold the first fill[g, e] slots
+      slot = slot + jnp.take_along_axis(fill[:, None, :], index, axis=-1)
+      competing = competing + fill
     kept = active & (slot < capacity)
 
     if self.normalize_gates and not self.normalize_before_drop:
@@ -274,9 +325,10 @@ class TokensChooseRouter(Router):
 
     return RouterOutput(
         expert_index=index, slot=slot, gate=gate, kept=kept,
-        load_balance_loss=load_balance_loss(probs, first_choice, valid),
-        router_z_loss=router_z_loss(logits, valid),
-        metrics=routing_metrics(probs, kept, index, valid))
+        load_balance_loss=load_balance_loss(probs, balanced, valid,
+                                            all_tokens=self.loss_tokens == "all"),
+        router_z_loss=self.z_loss(logits, valid),
+        metrics=routing_metrics(probs, kept, index, valid), fill=competing)
 
 
 class ExpertsChooseRouter(Router):
@@ -285,7 +337,9 @@ class ExpertsChooseRouter(Router):
   construction; reported as 0). Sees the whole group, so decoders refuse it."""
   causal_safe: ClassVar[bool] = False
 
-  def route(self, logits: Array, valid: Array, capacity: int, deterministic: bool) -> RouterOutput:
+  def route(self, logits: Array, valid: Array, capacity: int, deterministic: bool,
+            fill: Array | None = None) -> RouterOutput:
+    del fill  # never decodes (causal_safe is False)
     g, s, e = logits.shape
     if capacity > s:
       raise ValueError(f"expert capacity {capacity} exceeds the group size {s} (expert choice)")
@@ -303,7 +357,7 @@ class ExpertsChooseRouter(Router):
     return RouterOutput(
         expert_index=index, slot=slot, gate=jnp.where(kept, probs, 0.0), kept=kept,
         load_balance_loss=jnp.zeros((), jnp.float32),
-        router_z_loss=router_z_loss(logits, valid),
+        router_z_loss=self.z_loss(logits, valid),
         metrics=routing_metrics(probs, kept, index, valid))
 
 

@@ -23,9 +23,13 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--hf_dir", required=True, help="HF save_pretrained directory")
   parser.add_argument("--out", required=True, help="output directory (created)")
+  parser.add_argument("--capacity", choices=hf_switch.CAPACITY_CHOICES, default="hf",
+                      help="hf: route as HF (a group per sequence, config.expert_capacity "
+                           "tokens per expert; exact for evaluation and decoding); moe_jax: "
+                           "moe_jax's capacity factors per routing group (for fine-tuning)")
   args = parser.parse_args(argv)
 
-  params, gin_text = hf_switch.load_hf_switch(args.hf_dir)
+  params, gin_text = hf_switch.load_hf_switch(args.hf_dir, args.capacity)
   os.makedirs(args.out, exist_ok=True)
   step_dir = hf_switch.save_params(params, args.out)
   gin_path = os.path.join(args.out, "model.gin")

@@ -106,27 +106,36 @@ def moe_layer(x, wi, wo, combine, activations=("relu",)):
   return y
 
 
-def load_balance_loss(logits, valid=None):
-  """E · Σ_e f_e · P_e per group (f from the first choice before capacity), mean over groups."""
+def load_balance_loss(logits, valid=None, *, k=1, all_tokens=False):
+  """E · Σ_e f_e · P_e per group, mean over groups. f counts each token's top-k experts before
+  capacity (k=1: the first choice). Over real tokens; all_tokens: over every slot, padding
+  choosing nothing with probability 0 (flaxformer), every group counted."""
   G, S, E = logits.shape
   probs = softmax(logits)
   valid = np.ones((G, S), bool) if valid is None else valid
   losses = []
   for g in range(G):
     idx = [s for s in range(S) if valid[g, s]]
-    if not idx:
+    if not idx and not all_tokens:
       continue
+    n = S if all_tokens else len(idx)
     f = np.zeros(E)
     P = np.zeros(E)
     for s in idx:
-      f[int(np.argmax(probs[g, s]))] += 1.0 / len(idx)
-      P += probs[g, s] / len(idx)
+      for e in np.argsort(-probs[g, s], kind="stable")[:k]:
+        f[e] += 1.0 / n
+      P += probs[g, s] / n
     losses.append(E * float(np.dot(f, P)))
   return float(np.mean(losses))
 
 
-def router_z_loss(logits):
+def router_z_loss(logits, valid=None, *, all_tokens=False):
+  """mean(logsumexp(logits)²) over real tokens; all_tokens: over every slot, padding logits
+  replaced by zeros (so each adds log(E)²)."""
   logits = np.asarray(logits, np.float64)
+  valid = np.ones(logits.shape[:2], bool) if valid is None else np.asarray(valid)
+  if all_tokens:
+    logits = np.where(valid[..., None], logits, 0.0)
   mx = logits.max(-1)
-  lse = mx + np.log(np.exp(logits - mx[..., None]).sum(-1))
-  return float(np.mean(lse ** 2))
+  lse2 = (mx + np.log(np.exp(logits - mx[..., None]).sum(-1))) ** 2
+  return float(lse2.mean() if all_tokens else lse2[valid].mean())

@@ -23,10 +23,9 @@ def make_model(vocab, sparse_step):
                         encoder_sparse_step=sparse_step, decoder_sparse_step=sparse_step,
                         relative_attention_num_buckets=8, relative_attention_max_distance=12)
 
-  def moe(causal):
-    # Eval capacity never binds, so routing one token per step equals routing the sequence.
-    return moe_layer.MoeLayer(num_experts=4, d_ff=24, eval_capacity_factor=16.0, causal=causal,
-                              router=routing.TokensChooseRouter(num_experts=4))
+  # Eval capacity never binds, so routing one token per step equals routing the sequence.
+  moe = moe_layer.MoeLayer(num_experts=4, d_ff=24, eval_capacity_factor=16.0,
+                           router=routing.TokensChooseRouter(num_experts=4))
   return models.EncoderDecoderModel(models.Transformer(cfg, moe, moe))
 
 
@@ -63,7 +62,8 @@ def test_cached_decoding_equals_full_sequence_logits(sparse_step):
   model, params, batch, full_logits = setup(sparse_step=sparse_step)
   enc = batch["encoder_input_tokens"]
   b, ld = batch["decoder_input_tokens"].shape
-  dec_in = np.random.default_rng(1).integers(0, 12, (b, ld)).astype(np.int32)
+  # Real continuations: no PAD or EOS after the start token (a row that fed one is finished).
+  dec_in = np.random.default_rng(1).integers(2, 12, (b, ld)).astype(np.int32)
   dec_in[:, 0] = 0
   expected = np.asarray(full_logits(params, enc, dec_in))
 
@@ -186,3 +186,33 @@ def test_decoding_rejects_bad_arguments():
     model.predict_batch(params, batch, decode_method="sample")
   with pytest.raises(ValueError, match="decode_method"):
     model.predict_batch(params, batch, decode_method="nucleus")
+
+
+@pytest.mark.parametrize("grouping", [dict(group_rule="sequence"), dict(group_size=4)])
+def test_greedy_equals_teacher_forced_argmax_when_capacity_binds(grouping):
+  """With groups inside sequences (one per sequence, or 4-token chunks of 8-token ones) and one
+  or two slots per expert, decoding keeps and drops what scoring the decoded sequences does:
+  every greedy token is the argmax of the teacher-forced logits at its position."""
+  vocab, b, le, ld = 16, 3, 5, 8
+  cfg = models.T5Config(vocab_size=vocab, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24,
+                        num_encoder_layers=1, num_decoder_layers=2, dropout_rate=0.0,
+                        encoder_sparse_step=1, decoder_sparse_step=1,
+                        relative_attention_num_buckets=8, relative_attention_max_distance=12)
+  moe = moe_layer.MoeLayer(num_experts=4, d_ff=24, eval_capacity_factor=1.0,
+                           min_expert_capacity=1, router=routing.TokensChooseRouter(4),
+                           **grouping)
+  model = models.EncoderDecoderModel(models.Transformer(cfg, moe, moe))
+  params = random_params(model, b, le, ld, seed=2, scale=1.0)
+  params["token_embedder"]["embedding"][:2] = 0.0  # PAD and EOS never win: decode every step
+  enc = np.random.default_rng(2).integers(2, vocab, (b, le)).astype(np.int32)
+  batch = {"encoder_input_tokens": enc, "decoder_input_tokens": np.zeros((b, ld), np.int32)}
+  seqs = np.asarray(model.predict_batch(params, batch, decode_method="greedy"))
+
+  dec_in = np.concatenate([np.zeros((b, 1), np.int32), seqs[:, :-1]], axis=1)
+  logits, state = model.module.apply({"params": params}, enc, dec_in, seqs, deterministic=True,
+                                     mutable=["moe"])
+  np.testing.assert_array_equal(np.asarray(logits).argmax(-1), seqs)
+  dropped = [float(v[0]) for k, v in flax.traverse_util.flatten_dict(
+      state["moe"], sep="/").items() if k.startswith("decoder") and k.endswith("fraction_dropped")]
+  assert max(dropped) > 0.1  # capacity binds in the decoder
+  assert len(np.unique(seqs)) >= 3  # not a constant output

@@ -3,6 +3,7 @@ papers' headline sizes and (where HF can build the model) HF transformers on the
 import glob
 import os
 
+import flax
 import gin
 import jax
 import numpy as np
@@ -122,7 +123,7 @@ def test_switch_c_dimensions():
   assert (c.num_encoder_layers, c.num_decoder_layers, c.emb_dim, c.num_heads, c.head_dim,
           c.mlp_dim) == (15, 15, 2080, 30, 64, 6144)
   assert (c.encoder_sparse_step, c.decoder_sparse_step, c.logits_via_embedding) == (1, 1, False)
-  moe = model.module.encoder_moe(causal=False)
+  moe = model.module.encoder_moe
   assert (moe.num_experts, moe.train_capacity_factor, moe.eval_capacity_factor) == (2048, 1.0, 2.0)
 
 
@@ -130,14 +131,13 @@ def test_switch_xxl_is_gated_untied_with_eval_capacity_4():
   model = build("switch_xxl.gin")
   c = model.module.config
   assert c.activations == ("gelu", "linear") and not c.logits_via_embedding
-  moe = model.module.decoder_moe(causal=True)
+  moe = model.module.decoder_moe
   assert moe.activations == ("gelu", "linear") and moe.eval_capacity_factor == 4.0
-  assert moe.causal
 
 
 def test_switch_base_routing_and_losses():
   model = build("switch_base.gin")
-  moe = model.module.encoder_moe(causal=False)
+  moe = model.module.encoder_moe
   assert isinstance(moe.router, routing.TokensChooseRouter)
   assert moe.router.num_selected_experts == 1 and not moe.router.normalize_gates
   assert (moe.train_capacity_factor, moe.eval_capacity_factor) == (1.25, 2.0)
@@ -149,7 +149,7 @@ def test_switch_base_routing_and_losses():
 def test_gshard_routing():
   for gin_file in ("gshard_top2_base.gin", "gshard_tiny.gin"):
     model = build(gin_file, FIXED_VOCAB)
-    for moe in (model.module.encoder_moe(causal=False), model.module.decoder_moe(causal=True)):
+    for moe in (model.module.encoder_moe, model.module.decoder_moe):
       r = moe.router
       assert (r.num_selected_experts, r.second_expert_policy, r.normalize_gates) == (2, "random",
                                                                                      True)
@@ -158,8 +158,8 @@ def test_gshard_routing():
 
 def test_expert_choice_only_in_the_encoder():
   model = build("expert_choice_base.gin")
-  assert isinstance(model.module.encoder_moe(causal=False).router, routing.ExpertsChooseRouter)
-  decoder = model.module.decoder_moe(causal=True)
+  assert isinstance(model.module.encoder_moe.router, routing.ExpertsChooseRouter)
+  decoder = model.module.decoder_moe
   assert isinstance(decoder.router, routing.TokensChooseRouter)
   assert not decoder.router.batch_prioritized
 
@@ -212,7 +212,7 @@ def test_command_line_bindings_override_files():
   model = build("switch_base.gin", ["NUM_EXPERTS = 16", "EMBED_DIM = 64",
                                     "models.T5Config.dropout_rate = 0.3"])
   assert model.module.config.emb_dim == 64 and model.module.config.dropout_rate == 0.3
-  moe = model.module.encoder_moe(causal=False)
+  moe = model.module.encoder_moe
   assert moe.num_experts == 16 and moe.router.num_experts == 16
 
 
@@ -237,3 +237,58 @@ def test_gin_files_found_by_any_name():
                             os.path.join(GIN_DIR, "t5_tiny.gin"))
   with pytest.raises(ValueError, match="not found"):
     config.parse_gin(["models/no_such_model.gin"])
+
+
+def test_init_scale_scales_every_kernel_std_by_its_square_root():
+  """INIT_SCALE = 0.1 (Switch Sec. 2.4): attention, dense MLP and expert kernels drawn with the
+  same rng are sqrt(0.1) times the default ones; embeddings, router and relative position bias
+  keep their own init."""
+  tiny = FIXED_VOCAB + ["NUM_EXPERTS = 2", "EMBED_DIM = 8", "MLP_DIM = 16", "NUM_HEADS = 2",
+                        "HEAD_DIM = 4", "LOGITS_VIA_EMBEDDING = False"]
+
+  def params(scale):
+    model = build("switch_tiny.gin", tiny + [f"INIT_SCALE = {scale}"])
+    variables = model.get_initial_variables(jax.random.key(0), SHAPES)
+    return flax.traverse_util.flatten_dict(flax.core.meta.unbox(variables["params"]), sep="/")
+
+  default, small = params(1.0), params(0.1)
+  scaled = [k for k in default if k.rsplit("/", 1)[-1] in
+            ("query", "key", "value", "out", "wi", "wo", "logits_dense")]
+  kinds = {k.rsplit("/", 1)[-1] + ("(expert)" if "/mlp/" in k and default[k].ndim == 3 else "")
+           for k in scaled}
+  assert {"query", "out", "wi", "wo", "wi(expert)", "wo(expert)", "logits_dense"} <= kinds
+  for k in default:
+    if k in scaled:
+      assert np.std(small[k]) / np.std(default[k]) == pytest.approx(np.sqrt(0.1), rel=1e-5), k
+    else:
+      np.testing.assert_array_equal(small[k], default[k], err_msg=k)
+
+
+def test_a_built_model_no_longer_reads_gin():
+  """Two differently configured models live in one process, and clearing gin breaks neither:
+  the MoE templates are built with the model, not when it is applied."""
+  tiny = FIXED_VOCAB + ["NUM_EXPERTS = 4", "EMBED_DIM = 8", "MLP_DIM = 16", "NUM_HEADS = 2",
+                        "HEAD_DIM = 4", "MIN_EXPERT_CAPACITY = 1", "ENCODER_SPARSE_STEP = 1",
+                        "DECODER_SPARSE_STEP = 1"]
+  rng = np.random.default_rng(0)
+  batch = {"encoder_input_tokens": rng.integers(2, 2100, (2, 8)),
+           "decoder_input_tokens": rng.integers(2, 2100, (2, 4)),
+           "decoder_target_tokens": rng.integers(2, 2100, (2, 4))}
+
+  def run(model, params):
+    _, metrics = model.eval_fn(params, batch)
+    return {k: np.asarray(v) for k, v in metrics.items()}
+
+  roomy = config.build_model(["models/switch_tiny.gin"], tiny + ["EVAL_CAPACITY_FACTOR = 8.0"])
+  params = roomy.get_initial_variables(jax.random.key(0), SHAPES)["params"]
+  before = run(roomy, params)
+  tight = config.build_model(["models/switch_tiny.gin"], tiny + ["EVAL_CAPACITY_FACTOR = 0.25"])
+  drops = lambda m: [v for k, v in m.items() if k.endswith("fraction_dropped")]  # noqa: E731
+  assert max(drops(run(tight, params))) > 0 and max(drops(before)) == 0
+  after_tight = run(roomy, params)
+  gin.clear_config()
+  after_clear = run(roomy, params)
+  for after in (after_tight, after_clear):
+    assert before.keys() == after.keys()
+    for k in before:
+      np.testing.assert_array_equal(after[k], before[k], err_msg=k)

@@ -26,7 +26,7 @@ VOCAB = 48
 REPO = os.path.join(os.path.dirname(__file__), os.pardir)
 
 
-def switch_model(seed, **overrides):
+def switch_model(seed, retie_inputs=True, **overrides):
   kwargs = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=40, num_layers=2,
                 num_decoder_layers=2, num_heads=4, num_experts=4, num_sparse_encoder_layers=1,
                 num_sparse_decoder_layers=1, expert_capacity=10_000, router_jitter_noise=0.0,
@@ -35,7 +35,7 @@ def switch_model(seed, **overrides):
   kwargs.update(overrides)
   torch.manual_seed(seed)
   model = SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(**kwargs)).eval()
-  if not model.config.tie_word_embeddings:
+  if retie_inputs and not model.config.tie_word_embeddings:
     # transformers 5 unties every tied pair here, input embeddings included; T5 v1.1 and
     # Switch-C untie only the output head, so share the input embedding again.
     model.encoder.embed_tokens = model.decoder.embed_tokens = model.shared
@@ -76,9 +76,7 @@ def hf_logits(model, enc, dec_in):
 def build_from_gin_text(gin_text, tmp_path, bindings=()):
   path = tmp_path / "model.gin"
   path.write_text(gin_text)
-  # Capacity must not bind: HF routes with expert_capacity=10000 per sequence.
-  config.parse_gin([str(path)], list(bindings))
-  return gin.query_parameter("%MODEL").scoped_configurable_fn()
+  return config.build_model([str(path)], list(bindings))
 
 
 PARITY_CASES = {
@@ -102,8 +100,7 @@ def test_converted_model_matches_hf_logits(case, tmp_path):
   builder, (enc_sparse, dec_sparse) = PARITY_CASES[case]
   hf = builder()
   params, gin_text = hf_switch.load_hf_switch(hf)
-  bindings = ["EVAL_CAPACITY_FACTOR = 64.0"] if enc_sparse or dec_sparse else []
-  model = build_from_gin_text(gin_text, tmp_path, bindings)
+  model = build_from_gin_text(gin_text, tmp_path)
   c = model.module.config
   assert sparse_layers(c.num_encoder_layers, c.encoder_sparse_step) == enc_sparse
   assert sparse_layers(c.num_decoder_layers, c.decoder_sparse_step) == dec_sparse
@@ -154,8 +151,7 @@ def test_convert_script_writes_restorable_checkpoint_and_gin(tmp_path):
   _load_script().main(["--hf_dir", str(hf_dir), "--out", str(out)])
   assert sorted(os.listdir(out)) == ["checkpoint_0", "model.gin"]  # no temporaries left
 
-  model = build_from_gin_text((out / "model.gin").read_text(), tmp_path,
-                              ["EVAL_CAPACITY_FACTOR = 64.0"])
+  model = build_from_gin_text((out / "model.gin").read_text(), tmp_path)
   abstract = jax.eval_shape(lambda: model.get_initial_variables(
       jax.random.key(0), {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4)}))
   abstract = flax.core.meta.unbox(abstract)["params"]
@@ -188,9 +184,14 @@ def test_top2_router_matches_nllb_moe(normalize_before_drop, batch_prioritized):
   with torch.no_grad():
     hf_top1, hf_combine, _ = hf_router(x, padding_mask=padding)
 
-  router = routing.TokensChooseRouter(
-      num_experts=e, num_selected_experts=2, normalize_gates=True,
-      normalize_before_drop=normalize_before_drop, batch_prioritized=batch_prioritized)
+  # The NLLB preset, with the two router options NllbMoeConfig varies here.
+  moe = config.build_model(
+      ["models/switch_tiny.gin", "semantics/nllb_top2.gin"],
+      ["VOCAB_SIZE = 100", f"NUM_EXPERTS = {e}", f"EXPERT_CAPACITY = {capacity}",
+       f"routing.TokensChooseRouter.normalize_before_drop = {normalize_before_drop}",
+       f"routing.TokensChooseRouter.batch_prioritized = {batch_prioritized}"]).module.encoder_moe
+  assert moe.group_shape(1, s, 1) == (1, s) and moe.expert_capacity(s, True) == capacity
+  router = moe.router
   w = hf_router.classifier.weight.detach().numpy().T  # [m, e]
   out = router.apply({"params": {"w": jnp.asarray(w)}}, jnp.asarray(x.numpy())[None],
                      capacity=capacity, valid=jnp.asarray(~padding.numpy())[None],
@@ -203,8 +204,117 @@ def test_top2_router_matches_nllb_moe(normalize_before_drop, batch_prioritized):
   assert 0 < float((hf_combine > 0).sum()) < 2 * (s - 3)  # some second choices were dropped
 
 
-def test_separate_input_embeddings_are_refused():
-  hf = switch_model(5, tie_word_embeddings=False)
-  hf.encoder.embed_tokens = torch.nn.Embedding(VOCAB, 32)
-  with pytest.raises(ValueError, match="encoder.embed_tokens.weight differs"):
-    hf_switch.load_hf_switch(hf)
+def test_transformers5_untied_model_converts(tmp_path):
+  """transformers 5 saves tie_word_embeddings=False with three separate embeddings (shared,
+  encoder, decoder): the converter gives each stack its own input embedding."""
+  hf = switch_model(5, retie_inputs=False, tie_word_embeddings=False)
+  assert not np.array_equal(hf.encoder.embed_tokens.weight.detach(),
+                            hf.decoder.embed_tokens.weight.detach())
+  hf_dir, out = tmp_path / "hf", tmp_path / "out"
+  hf.save_pretrained(hf_dir)
+  _load_script().main(["--hf_dir", str(hf_dir), "--out", str(out)])
+  params, gin_text = hf_switch.load_hf_switch(str(hf_dir))
+  assert {"encoder_token_embedder", "decoder_token_embedder"} <= set(params)
+  model = build_from_gin_text(gin_text, tmp_path)
+  enc, dec_in, tgt = inputs(3)
+  ours = model.module.apply({"params": params}, enc, dec_in, tgt, deterministic=True)
+  assert np.abs(np.asarray(ours) - hf_logits(hf, enc, dec_in)).max() <= 1e-4
+  exported = hf_switch.params_to_hf(params)
+  for stack in ("encoder", "decoder"):
+    np.testing.assert_array_equal(exported[f"{stack}.embed_tokens.weight"],
+                                  getattr(hf, stack).embed_tokens.weight.detach().numpy())
+
+
+def _kept_per_layer(model, params, enc, dec_in, tgt):
+  """{'encoder/layers_1/mlp': kept [b, l] bool} of every MoE layer, teacher-forced."""
+  kept = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, routing.Router) and context.method_name == "__call__":
+      kept["/".join(context.module.path[:-1])] = out.kept.any(-1)
+    return out
+
+  with flax.linen.intercept_methods(record):
+    model.module.apply({"params": params}, enc, dec_in, tgt, deterministic=True)
+  return {k: np.asarray(v) for k, v in kept.items()}
+
+
+def _hf_kept_per_layer(hf, enc, dec_in):
+  """The same from HF's routers (their capacity-masked one-hot expert_index)."""
+  kept, hooks = {}, []
+  for stack in ("encoder", "decoder"):
+    for i, block in enumerate(getattr(hf, stack).block):
+      mlp = block.layer[-1].mlp
+      if hasattr(mlp, "router"):
+        name = f"{stack}/layers_{i}/mlp"
+        hooks.append(mlp.router.register_forward_hook(
+            lambda mod, args, out, name=name: kept.__setitem__(name, out[0].sum(-1).numpy() > 0)))
+  hf_logits(hf, enc, dec_in)
+  for h in hooks:
+    h.remove()
+  return kept
+
+
+def test_converted_model_drops_like_hf_when_capacity_binds(tmp_path):
+  """The converter's default gin routes as HF: with 2 slots per expert per sequence, the same
+  tokens are dropped, the logits agree and greedy decoding gives HF's tokens."""
+  hf = switch_model(6, expert_capacity=2)
+  with torch.no_grad():  # PAD and EOS never win the argmax: greedy decodes every step
+    hf.shared.weight[:2] = 0.0
+  params, gin_text = hf_switch.load_hf_switch(hf)
+  model = build_from_gin_text(gin_text, tmp_path)
+  enc, dec_in, tgt = inputs(4, b=3, le=12, ld=10)
+  real = {"encoder": enc > 0, "decoder": np.ones(dec_in.shape, bool)}
+  kept, hf_kept = _kept_per_layer(model, params, enc, dec_in, tgt), _hf_kept_per_layer(
+      hf, enc, dec_in)
+  assert sorted(kept) == sorted(hf_kept) == ["decoder/layers_1/mlp", "encoder/layers_1/mlp"]
+  for name, k in kept.items():
+    mask = real[name.split("/")[0]]
+    np.testing.assert_array_equal(k[mask], hf_kept[name][mask], err_msg=name)
+    assert not k[mask].all(), name  # capacity binds
+  ours = np.asarray(model.module.apply({"params": params}, enc, dec_in, tgt, deterministic=True))
+  assert np.abs(ours - hf_logits(hf, enc, dec_in)).max() <= 1e-4
+
+  batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in}
+  greedy = np.asarray(model.predict_batch(params, batch))
+  with torch.no_grad():
+    hf_greedy = hf.generate(input_ids=torch.tensor(enc, dtype=torch.long),
+                            attention_mask=torch.tensor(enc > 0, dtype=torch.long),
+                            max_new_tokens=dec_in.shape[1], do_sample=False, num_beams=1,
+                            decoder_start_token_id=0, eos_token_id=1,
+                            pad_token_id=0).numpy()[:, 1:]  # drop the start token
+  hf_greedy = np.pad(hf_greedy, ((0, 0), (0, dec_in.shape[1] - hf_greedy.shape[1])))
+  np.testing.assert_array_equal(greedy, hf_greedy)
+  assert len(np.unique(greedy)) >= 3  # not a constant output
+
+
+def test_converted_model_router_losses_equal_hf(tmp_path):
+  """Without padding (HF routes padding as tokens), aux and router z-losses equal HF's
+  coef · (encoder + decoder) losses."""
+  hf = switch_model(7, expert_capacity=2, router_aux_loss_coef=0.01, router_z_loss_coef=0.001)
+  params, gin_text = hf_switch.load_hf_switch(hf)
+  model = build_from_gin_text(gin_text, tmp_path)
+  enc, dec_in, tgt = inputs(5, b=3, le=12, ld=10)
+  enc[enc == 0] = 5
+  with torch.no_grad():
+    out = hf(input_ids=torch.tensor(enc, dtype=torch.long),
+             decoder_input_ids=torch.tensor(dec_in, dtype=torch.long),
+             labels=torch.tensor(tgt, dtype=torch.long), output_router_logits=True)
+  _, metrics = model.eval_fn(params, {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in,
+                                      "decoder_target_tokens": tgt})
+  np.testing.assert_allclose(
+      metrics["aux_loss"], 0.01 * float(out.encoder_aux_loss + out.decoder_aux_loss), rtol=1e-5)
+  np.testing.assert_allclose(
+      metrics["router_z_loss"], 0.001 * float(out.encoder_z_loss + out.decoder_z_loss),
+      rtol=1e-5)
+
+
+def test_capacity_option_keeps_moe_jax_capacity(tmp_path):
+  hf = switch_model(8, expert_capacity=2)
+  _, gin_text = hf_switch.load_hf_switch(hf, capacity="moe_jax")
+  assert "semantics/hf_switch.gin" not in gin_text
+  moe = build_from_gin_text(gin_text, tmp_path).module.encoder_moe
+  assert (moe.group_rule, moe.fixed_capacity, moe.eval_capacity_factor) == ("ceil", None, 2.0)
+  moe = build_from_gin_text(hf_switch.load_hf_switch(hf)[1], tmp_path).module.encoder_moe
+  assert (moe.group_rule, moe.fixed_capacity) == ("sequence", 2)

@@ -24,15 +24,13 @@ def make_model(enc_step=2, dec_step=2, num_layers=2, num_experts=4, eval_cf=2.0,
                         dropout_rate=dropout_rate, encoder_sparse_step=enc_step,
                         decoder_sparse_step=dec_step)
 
-  def factory(router_fn):
-    def moe(causal):
-      router = (router_fn or (lambda: routing.TokensChooseRouter(num_experts=num_experts)))()
-      return moe_layer.MoeLayer(num_experts=num_experts, d_ff=24, router=router,
-                                eval_capacity_factor=eval_cf, causal=causal)
-    return moe
+  def template(router_fn):
+    router = (router_fn or (lambda: routing.TokensChooseRouter(num_experts=num_experts)))()
+    return moe_layer.MoeLayer(num_experts=num_experts, d_ff=24, router=router,
+                              eval_capacity_factor=eval_cf)
 
-  module = models.Transformer(cfg, encoder_moe=factory(encoder_router),
-                              decoder_moe=factory(decoder_router))
+  module = models.Transformer(cfg, encoder_moe=template(encoder_router),
+                              decoder_moe=template(decoder_router))
   return models.EncoderDecoderModel(module, **model_kwargs)
 
 
@@ -120,7 +118,7 @@ def test_decoder_refuses_routers_that_see_future_tokens():
     init(make_model(decoder_router=prioritized), batch)
 
 
-def test_sparse_step_needs_a_moe_factory():
+def test_sparse_step_needs_a_moe_template():
   cfg = models.T5Config(vocab_size=VOCAB, emb_dim=8, num_heads=1, head_dim=8, mlp_dim=8,
                         num_encoder_layers=2, num_decoder_layers=2, encoder_sparse_step=2)
   with pytest.raises(ValueError, match="encoder_moe"):

@@ -1,4 +1,6 @@
 """MoeLayer against a token-by-token NumPy reference; dropping, gradients, dtypes, errors."""
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,51 +26,55 @@ def run(layer, x, padding_mask=None, *, deterministic=True, seed=0):
   return np.asarray(y), params, state["moe"]
 
 
-def reference(layer, params, x, padding_mask, route_fn):
-  """Group like the layer (pad at the end), route with the NumPy router, run token loops."""
+def reference(layer, params, x, padding_mask, route_fn, k):
+  """Group as the README states (G = ceil(T / group_size) groups of S = ceil(T / G) tokens,
+  padding at the end; no mesh), capacity C = max(ceil(k · cf · S / E), min capacity), route
+  with the NumPy router, run token loops."""
   b, l, m = x.shape
-  g, s = moe_layer.group_shape(b * l, group_size=layer.group_size, num_groups=layer.num_groups,
-                               num_expert_partitions=layer.num_expert_partitions)
+  g = math.ceil(b * l / layer.group_size)
+  s = math.ceil(b * l / g)
   flat = np.zeros((g * s, m))
   flat[:b * l] = x.reshape(-1, m)
   valid = np.zeros(g * s, bool)
   valid[:b * l] = True if padding_mask is None else padding_mask.reshape(-1)
   groups, valid = flat.reshape(g, s, m), valid.reshape(g, s)
   logits = np.einsum("gsm,me->gse", groups, params["router"]["w"].astype(np.float64))
-  capacity = layer.expert_capacity(s, deterministic=True)
+  capacity = max(math.ceil(k * layer.eval_capacity_factor * s / layer.num_experts),
+                 layer.min_expert_capacity)
   _, combine = route_fn(logits, capacity, valid)
   names = ["wi"] if "wi" in params else ["wi_0", "wi_1"]
   y = ref.moe_layer(groups, [params[n] for n in names], params["wo"], combine, layer.activations)
   return y.reshape(-1, m)[:b * l].reshape(b, l, m), combine, logits, valid
 
 
-CASES = {
+CASES = {  # name: (router, NumPy routing, k in the capacity formula)
     "switch_top1": (routing.TokensChooseRouter(num_experts=4),
-                    lambda lg, c, v: ref.tokens_choose(lg, 1, c, valid=v)),
+                    lambda lg, c, v: ref.tokens_choose(lg, 1, c, valid=v), 1),
     "gshard_top2": (routing.TokensChooseRouter(num_experts=4, num_selected_experts=2,
                                                normalize_gates=True),
-                    lambda lg, c, v: ref.tokens_choose(lg, 2, c, normalize=True, valid=v)),
+                    lambda lg, c, v: ref.tokens_choose(lg, 2, c, normalize=True, valid=v), 2),
     "top3_bpr": (routing.TokensChooseRouter(num_experts=6, num_selected_experts=3,
                                             batch_prioritized=True),
-                 lambda lg, c, v: ref.tokens_choose(lg, 3, c, batch_prioritized=True, valid=v)),
+                 lambda lg, c, v: ref.tokens_choose(lg, 3, c, batch_prioritized=True, valid=v), 3),
     "expert_choice": (routing.ExpertsChooseRouter(num_experts=4),
-                      lambda lg, c, v: ref.experts_choose(lg, c, v)),
+                      lambda lg, c, v: ref.experts_choose(lg, c, v), 1),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("activations", [("relu",), ("gelu", "linear")])
 def test_layer_matches_numpy_reference(name, activations):
-  router, route_fn = CASES[name]
-  # 3·7 = 21 tokens in groups of 8 -> 3 groups with 3 padding tokens; cf 1 so capacity binds.
+  router, route_fn, k = CASES[name]
+  # 4·5 = 20 tokens in groups of at most 8 -> 3 groups of 7, the last with 1 padding slot;
+  # cf 1 so capacity binds.
   layer = make_layer(router, activations=activations, eval_capacity_factor=1.0)
-  x = np.random.default_rng(0).normal(size=(3, 7, 8)).astype(np.float32)
-  mask = np.ones((3, 7), bool)
-  mask[2, 5:] = False  # padded positions of a sequence are never routed
+  x = np.random.default_rng(0).normal(size=(4, 5, 8)).astype(np.float32)
+  mask = np.ones((4, 5), bool)
+  mask[2, 3:] = False  # padded positions of a sequence are never routed
   y, params, moe = run(layer, jnp.asarray(x), jnp.asarray(mask))
-  want, combine, logits, valid = reference(layer, params, x, mask, route_fn)
+  want, combine, logits, valid = reference(layer, params, x, mask, route_fn, k)
   np.testing.assert_allclose(y, want, rtol=2e-4, atol=2e-5)
-  assert (np.abs(y[2, 5:]) == 0).all()
+  assert (np.abs(y[2, 3:]) == 0).all()
   if isinstance(router, routing.TokensChooseRouter):
     assert float(moe["load_balance_loss"][0]) == pytest.approx(
         ref.load_balance_loss(logits, valid), rel=1e-4)

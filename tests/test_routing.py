@@ -105,6 +105,33 @@ def test_tokens_choose_matches_reference(k, normalize, before_drop, bpr):
                              rtol=1e-5)
 
 
+@pytest.mark.parametrize("choices", ["first", "all"])
+@pytest.mark.parametrize("loss_tokens", ["real", "all"])
+def test_loss_options_match_reference(choices, loss_tokens):
+  """load_balance_choices and loss_tokens against the NumPy loops (one group all padding)."""
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(3, 10, 5)) * 2
+  valid = rng.random((3, 10)) > 0.3
+  valid[2] = False
+  router = routing.TokensChooseRouter(num_experts=5, num_selected_experts=2,
+                                      load_balance_choices=choices, loss_tokens=loss_tokens)
+  decision = route(router, logits, 2, valid=valid)
+  everything = loss_tokens == "all"
+  np.testing.assert_allclose(
+      decision.load_balance_loss,
+      ref.load_balance_loss(logits, valid, k=2 if choices == "all" else 1, all_tokens=everything),
+      rtol=1e-5)
+  np.testing.assert_allclose(decision.router_z_loss,
+                             ref.router_z_loss(logits, valid, all_tokens=everything), rtol=1e-5)
+
+
+def test_loss_options_are_checked():
+  with pytest.raises(ValueError, match="load_balance_choices"):
+    routing.TokensChooseRouter(num_experts=4, load_balance_choices="some")
+  with pytest.raises(ValueError, match="loss_tokens"):
+    routing.ExpertsChooseRouter(num_experts=4, loss_tokens="padding")
+
+
 def test_experts_choose_matches_reference():
   rng = np.random.default_rng(3)
   logits = rng.normal(size=(2, 10, 4))

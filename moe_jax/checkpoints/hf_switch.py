@@ -7,6 +7,7 @@ model. Export writes params back in the HF state-dict layout.
 
 Layout (PyTorch Linear weights are [out, in]; moe_jax kernels are [in, out]):
   shared.weight [v,m]                                   token_embedder/embedding
+  {stack}.embed_tokens.weight [v,m] (when they differ)  {stack}_token_embedder/embedding
   lm_head.weight [v,m] (untied only)                    decoder/logits_dense [m,v]
   {stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight [buckets,h]
                                                         {stack}/relpos_bias/rel_embedding [h,b]
@@ -26,8 +27,11 @@ Semantics that match HF: sparse layer i iff i % sparse_step == 1 (or every layer
 relative attention bias only in block 0 of each stack (shared by the stack); a tied embedding
 scales the decoder output by d_model^-0.5 before the head; the expert output is multiplied by
 the router probability of the chosen expert (moe_jax's Switch combine weight). HF counts
-expert capacity per sequence in tokens (config.expert_capacity); moe_jax uses capacity factors
-per group, so only the non-binding case is identical.
+expert capacity per sequence in tokens (config.expert_capacity): the gin includes
+semantics/hf_switch.gin (one routing group per sequence, that fixed capacity), so a converted
+model drops the tokens HF drops; capacity='moe_jax' keeps moe_jax's capacity factors per group
+instead (for fine-tuning). transformers 5 saves tie_word_embeddings=False models with separate
+encoder and decoder input embeddings; they become T5Config.shared_input_embedding=False.
 """
 from __future__ import annotations
 
@@ -114,6 +118,14 @@ def sparse_step_for(sparse: list[int], num_layers: int) -> int:
   raise ValueError(f"sparse layers {sparse} of {num_layers} follow no i % step == 1 pattern")
 
 
+def _input_embeddings(state: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+  """[shared] when the encoder and decoder read one input embedding, else [encoder, decoder]
+  (transformers 5 unties all three copies when tie_word_embeddings=False)."""
+  enc, dec = (state.get(f"{stack}.embed_tokens.weight", state["shared.weight"])
+              for stack in STACKS)
+  return [enc] if np.array_equal(enc, dec) else [enc, dec]
+
+
 def _num_layers(state: Mapping[str, np.ndarray], stack: str) -> int:
   blocks = {int(m.group(1)) for k in state if (m := re.match(rf"{stack}\.block\.(\d+)\.", k))}
   return max(blocks) + 1 if blocks else 0
@@ -128,11 +140,6 @@ def hf_to_params(config: Any, state: Mapping[str, Any]) -> dict[str, Any]:
   if config.get("router_bias"):
     raise ValueError("router_bias=True checkpoints are not supported (moe_jax routers have no "
                      "bias)")
-  for stack in STACKS:
-    key = f"{stack}.embed_tokens.weight"
-    if key in state and not np.array_equal(state[key], state["shared.weight"]):
-      raise ValueError(f"{key} differs from shared.weight: moe_jax models share one input "
-                       "embedding between encoder and decoder (T5, Switch)")
   h, d = config["num_heads"], config["d_kv"]
   m = config["d_model"]
   gated = len(_activations(config)) == 2
@@ -155,7 +162,11 @@ def hf_to_params(config: Any, state: Mapping[str, Any]) -> dict[str, Any]:
     out["wo"] = state[f"{prefix}.{module}.wo.weight"].T
     return out
 
-  params: dict[str, Any] = {"token_embedder": {"embedding": state["shared.weight"]}}
+  embeddings = _input_embeddings(state)
+  if len(embeddings) == 1:
+    params: dict[str, Any] = {"token_embedder": {"embedding": embeddings[0]}}
+  else:
+    params = {f"{stack}_token_embedder": {"embedding": e} for stack, e in zip(STACKS, embeddings)}
   for stack in STACKS:
     blocks = {}
     for i in range(_num_layers(state, stack)):
@@ -183,9 +194,19 @@ def hf_to_params(config: Any, state: Mapping[str, Any]) -> dict[str, Any]:
   return params
 
 
-def hf_to_gin(config: Any, state: Mapping[str, Any]) -> str:
+CAPACITY_CHOICES = ("hf", "moe_jax")
+
+
+def hf_to_gin(config: Any, state: Mapping[str, Any], capacity: str = "hf") -> str:
   """Gin text (a model gin: include + macro overrides) that builds the model `hf_to_params`
-  fills. Sparse placement comes from the router weights actually present in `state`."""
+  fills. Sparse placement comes from the router weights actually present in `state`.
+
+  capacity: 'hf' (default) routes as HF does (semantics/hf_switch.gin: a group per sequence,
+  config.expert_capacity tokens per expert), so evaluation and decoding without training give
+  HF's drops and logits; 'moe_jax' keeps moe_jax's capacity factors per routing group.
+  """
+  if capacity not in CAPACITY_CHOICES:
+    raise ValueError(f"capacity={capacity!r} is not one of {CAPACITY_CHOICES}")
   config = _config_dict(config)
   n_enc, n_dec = _num_layers(state, "encoder"), _num_layers(state, "decoder")
   enc_step = sparse_step_for(_sparse_layers(state, "encoder"), n_enc)
@@ -199,6 +220,10 @@ def hf_to_gin(config: Any, state: Mapping[str, Any]) -> str:
       "from moe_jax import models",
       "",
       f"include 'models/{'switch_base' if sparse else 't5_base'}.gin'",
+  ]
+  if sparse and capacity == "hf":
+    lines.append("include 'semantics/hf_switch.gin'")
+  lines += [
       "",
       f"VOCAB_SIZE = {config['vocab_size']}",
       f"EMBED_DIM = {config['d_model']}",
@@ -218,15 +243,20 @@ def hf_to_gin(config: Any, state: Mapping[str, Any]) -> str:
         f"ENCODER_SPARSE_STEP = {enc_step}",
         f"DECODER_SPARSE_STEP = {dec_step}",
         f"ROUTER_JITTER_NOISE = {float(config.get('router_jitter_noise', 0.0))}",
-        "# HF adds coef · (encoder + decoder) router losses; moe_jax averages over MoE layers.",
         f"AUX_LOSS_FACTOR = {float(config.get('router_aux_loss_coef', 0.01))}",
         f"ROUTER_Z_LOSS_FACTOR = {float(config.get('router_z_loss_coef', 0.0))}",
-        f"# HF expert_capacity = {config.get('expert_capacity')} tokens per expert per sequence;",
-        "# moe_jax sets capacity with TRAIN/EVAL_CAPACITY_FACTOR per routing group.",
     ]
+    if capacity == "hf":
+      lines.append(f"EXPERT_CAPACITY = {int(config['expert_capacity'])}  # tokens per expert "
+                   "per sequence")
+    else:
+      lines += [
+          f"# HF expert_capacity = {config.get('expert_capacity')} tokens per expert per "
+          "sequence; here TRAIN/EVAL_CAPACITY_FACTOR set capacity per routing group."]
   lines += [
       "",
       "models.T5Config:",
+      f"  shared_input_embedding = {len(_input_embeddings(state)) == 1}",
       f"  relative_attention_num_buckets = {config.get('relative_attention_num_buckets', 32)}",
       f"  relative_attention_max_distance = {config.get('relative_attention_max_distance', 128)}",
       f"  layer_norm_epsilon = {float(config.get('layer_norm_epsilon', 1e-6))}",
@@ -235,14 +265,14 @@ def hf_to_gin(config: Any, state: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def load_hf_switch(source: Any) -> tuple[dict[str, Any], str]:
+def load_hf_switch(source: Any, capacity: str = "hf") -> tuple[dict[str, Any], str]:
   """A `save_pretrained` directory or an in-memory SwitchTransformersForConditionalGeneration
-  (or T5ForConditionalGeneration) -> (moe_jax params, gin text)."""
+  (or T5ForConditionalGeneration) -> (moe_jax params, gin text). capacity: see hf_to_gin."""
   if isinstance(source, (str, os.PathLike)):
     config, state = read_hf_dir(os.fspath(source))
   else:
     config, state = source.config.to_dict(), state_dict_to_numpy(source)
-  return hf_to_params(config, state), hf_to_gin(config, state)
+  return hf_to_params(config, state), hf_to_gin(config, state, capacity)
 
 
 # ----------------------------------------------------------------------------- export
@@ -253,9 +283,16 @@ def params_to_hf(params: Mapping[str, Any], layout: str = "switch") -> dict[str,
   dense FFNs `mlp` (SwitchTransformers), 't5' names them `DenseReluDense` (T5)."""
   if layout not in ("switch", "t5"):
     raise ValueError(f"layout={layout!r} is not 'switch' or 't5'")
-  embedding = np.asarray(params["token_embedder"]["embedding"], np.float32)
-  state = {"shared.weight": embedding, "encoder.embed_tokens.weight": embedding,
-           "decoder.embed_tokens.weight": embedding}
+  if "token_embedder" in params:
+    embedding = np.asarray(params["token_embedder"]["embedding"], np.float32)
+    state = {"shared.weight": embedding, "encoder.embed_tokens.weight": embedding,
+             "decoder.embed_tokens.weight": embedding}
+  else:  # separate input embeddings (transformers 5 untied); HF's `shared` is the encoder's
+    state = {f"{stack}.embed_tokens.weight":
+             np.asarray(params[f"{stack}_token_embedder"]["embedding"], np.float32)
+             for stack in STACKS}
+    state["shared.weight"] = state["encoder.embed_tokens.weight"]
+    embedding = state["decoder.embed_tokens.weight"]  # what a tied head would read
 
   def attention(prefix: str, a: Mapping[str, Any]) -> None:
     for hf, name in _ATTN.items():
