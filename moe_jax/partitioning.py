@@ -437,10 +437,7 @@ def moe_geometries(fn: Callable[..., Any], *args: Any, batch_partitions: int = 1
     module = context.module
     if isinstance(module, moe_layer.MoeLayer) and context.method_name == "__call__":
       b, l, m = call_args[0].shape
-      g, s = moe_layer.group_shape(b * l, group_size=module.group_size,
-                                   num_groups=module.num_groups,
-                                   num_expert_partitions=module.num_expert_partitions,
-                                   batch_partitions=batch_partitions)
+      g, s = module.group_shape(b, l, batch_partitions)
       found.append(MoeLayerGeometry(
           name="/".join(module.scope.path), num_groups=g, group_size=s,
           num_experts=module.num_experts,
