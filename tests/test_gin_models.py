@@ -37,13 +37,14 @@ def abstract_params(model):
 
 
 def formula_count(vocab, d_model, heads, d_kv, d_ff, n_enc, n_dec, gated, tied, experts,
-                  enc_step, dec_step, buckets=32):
+                  enc_step, dec_step, expert_d_ff=None, buckets=32):
   """Parameters of a T5 / Switch encoder-decoder, counted from its dimensions."""
   def num_sparse(n, step):  # layers 1, 1+step, 1+2·step, ... (every layer for step 1)
     return 0 if step == 0 else (n if step == 1 else len(range(1, n, step)))
   attention = 4 * d_model * heads * d_kv  # q, k, v, o
   ffn = (3 if gated else 2) * d_model * d_ff
-  moe = experts * ffn + d_model * experts  # experts + router
+  expert_ffn = ffn if expert_d_ff is None else (3 if gated else 2) * d_model * expert_d_ff
+  moe = experts * expert_ffn + d_model * experts  # experts + router
   total = vocab * d_model + (0 if tied else d_model * vocab)  # embedding (+ untied head)
   for n, step, attentions, norms in ((n_enc, enc_step, 1, 2), (n_dec, dec_step, 2, 3)):
     s = num_sparse(n, step)
@@ -56,14 +57,15 @@ def formula_count(vocab, d_model, heads, d_kv, d_ff, n_enc, n_dec, gated, tied, 
 def gin_formula_count():
   gated = len(macro("ACTIVATIONS")) == 2
   try:
-    experts, enc_step, dec_step = (macro("NUM_EXPERTS"), macro("ENCODER_SPARSE_STEP"),
-                                   macro("DECODER_SPARSE_STEP"))
+    experts, enc_step, dec_step, expert_d_ff = (
+        macro("NUM_EXPERTS"), macro("ENCODER_SPARSE_STEP"), macro("DECODER_SPARSE_STEP"),
+        macro("EXPERT_MLP_DIM"))
   except ValueError:  # dense gins define no expert macros
-    experts, enc_step, dec_step = 0, 0, 0
+    experts, enc_step, dec_step, expert_d_ff = 0, 0, 0, None
   return formula_count(
       macro("VOCAB_SIZE"), macro("EMBED_DIM"), macro("NUM_HEADS"), macro("HEAD_DIM"),
       macro("MLP_DIM"), macro("NUM_ENCODER_LAYERS"), macro("NUM_DECODER_LAYERS"), gated,
-      macro("LOGITS_VIA_EMBEDDING"), experts, enc_step, dec_step)
+      macro("LOGITS_VIA_EMBEDDING"), experts, enc_step, dec_step, expert_d_ff)
 
 
 def test_all_expected_gin_files_exist():
