@@ -95,7 +95,7 @@ CLAIMS: dict[str, Claim] = {
         (_SWITCH,
          # top-2 doubles expert FLOPs: experts of half the hidden size keep the compute equal.
          Variant("GShard top-2 (experts d_ff/2)", "gshard",
-                 scale_bindings=(("tiny", ("moe_layer.MoeLayer.d_ff=128",
+                 scale_bindings=(("tiny", ("EXPERT_MLP_DIM=128",
                                            "TRAIN_CAPACITY_FACTOR=1.25")),)),
          Variant("expert choice (encoder), top-1 (decoder)", "expert_choice")),
         analysis="curves"),
