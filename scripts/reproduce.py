@@ -305,7 +305,7 @@ def plot(claim: Claim, results: dict[str, list[dict]], path: str) -> None:
       for i, (label, runs) in enumerate(results.items()):
         ax.plot(runs[0]["train_steps"], np.mean([r[key] for r in runs], axis=0),
                 color=f"C{i}", label=label)
-      ax.set(xlabel="step", ylabel=name, title=name.capitalize() + " during training")
+      ax.set(xlabel="step", ylabel=name, title=f"{name[0].upper()}{name[1:]} during training")
       ax.legend()
     ax.grid(alpha=0.3)
   fig.savefig(path, dpi=110)
