@@ -113,7 +113,7 @@ def schedule(learning_rate_fn: Any, total_steps: int) -> None:
 
 
 def model(model: Any, partitioner: Any) -> None:
-  """T5 dimensions, and every MoE layer as gin builds it: router, capacity, groups, dispatch,
+  """T5 dimensions, and every MoE layer as the model builds it: router, capacity, groups, dispatch,
   expert count against the mesh's 'expert' axis. Builds modules only (nothing is traced)."""
   config = model.module.config
   for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
@@ -129,15 +129,16 @@ def model(model: Any, partitioner: Any) -> None:
                 stack == "decoder", partitioner)
 
 
-def moe_layer(where: str, factory: Any, causal: bool, partitioner: Any) -> None:
-  """One MoE layer built by its gin factory, checked attribute by attribute."""
+def moe_layer(where: str, template: Any, causal: bool, partitioner: Any) -> None:
+  """One MoE layer as the model copies it from its stack's template (models._make_mlp),
+  checked attribute by attribute."""
   from moe_jax import routing  # pylint: disable=import-outside-toplevel
 
-  if factory is None:
+  if template is None:
     raise SettingError(f"{where.split()[0].upper()}_SPARSE_STEP",
                        f"> 0 needs models.Transformer.{where.split()[0]}_moe (an MoE layer)")
   try:
-    layer = factory(causal=causal)
+    layer = template.copy(causal=causal)
   except (ValueError, TypeError) as e:  # the layer's and router's own one-line checks
     raise SettingError(f"{where}", str(e).splitlines()[0]) from None
   integer("NUM_EXPERTS", layer.num_experts, minimum=1)
