@@ -106,15 +106,11 @@ def stdlib_split(split: str) -> tuple[str, ...]:
                if _stdlib_is_validation(d) == (split == "validation"))
 
 
-class DocumentsSource(seqio.DataSource):
-  """A seqio source over a tuple of documents per split: {'text': tf.string}.
+class _SplitsSource(seqio.DataSource):
+  """A source of 'train' and 'validation' that shards each split by itself (one shard a split,
+  any number of shards: every num_shards-th example)."""
 
-  shuffle=True is a full shuffle with a new permutation each epoch (deterministic for a seed);
-  sharding then takes every num_shards-th document of that permutation.
-  """
-
-  def __init__(self, documents):
-    self._documents = documents
+  def __init__(self):
     super().__init__(splits=_SPLITS)
 
   @property
@@ -123,6 +119,19 @@ class DocumentsSource(seqio.DataSource):
 
   def list_shards(self, split: str) -> Sequence[str]:
     return [split]
+
+
+class DocumentsSource(_SplitsSource):
+  """A seqio source over a tuple of documents per split: {'text': tf.string}.
+
+  documents: split -> the documents. shuffle=True is a full shuffle with a new permutation each
+  epoch (deterministic for a seed); sharding then takes every num_shards-th document of that
+  permutation.
+  """
+
+  def __init__(self, documents: Callable[[str], Sequence[str]]):
+    self._documents = documents
+    super().__init__()
 
   def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
                   shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
@@ -215,7 +224,7 @@ def multidomain_document(spec: MultiDomainSpec, split: str, index: int) -> tuple
   return " ".join(spec.words[i] for i in ids), domain
 
 
-class MultiDomainSource(seqio.DataSource):
+class MultiDomainSource(_SplitsSource):
   """seqio source of the multi-domain corpus: {'text': tf.string, 'domain': tf.int32}.
 
   spec: the corpus, or a function that makes it when the data is first read (its words may come
@@ -228,18 +237,11 @@ class MultiDomainSource(seqio.DataSource):
 
   def __init__(self, spec: MultiDomainSpec | Callable[[], MultiDomainSpec]):
     self._spec = spec
-    super().__init__(splits=_SPLITS)
+    super().__init__()
 
   @functools.cached_property
   def spec(self) -> MultiDomainSpec:
     return self._spec if isinstance(self._spec, MultiDomainSpec) else self._spec()
-
-  @property
-  def supports_arbitrary_sharding(self) -> bool:
-    return True
-
-  def list_shards(self, split: str) -> Sequence[str]:
-    return [split]
 
   def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
                   shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
