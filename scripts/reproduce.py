@@ -182,17 +182,23 @@ def _finished(model_dir: str, steps: int) -> bool:
 
 
 def run_one(cmd: Sequence[str], model_dir: str, steps: int) -> float | None:
-  """Trains unless finished; returns the wall seconds of the training (None if skipped)."""
-  if _finished(model_dir, steps):
+  """Trains unless finished; returns the wall seconds of the command (kept in MODEL_DIR/
+  wall_seconds, so a later analysis still has them; None if unknown)."""
+  seconds_file = os.path.join(model_dir, "wall_seconds")
+  if not _finished(model_dir, steps):
+    os.makedirs(model_dir, exist_ok=True)
+    start = time.time()
+    with open(os.path.join(model_dir, "train.log"), "w") as log:
+      result = subprocess.run(cmd, cwd=_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if result.returncode:
+      raise SystemExit(f"reproduce.py: error: run failed ({result.returncode}); see "
+                       f"{os.path.join(model_dir, 'train.log')}: {shlex.join(cmd)}")
+    with open(seconds_file, "w") as f:
+      f.write(f"{time.time() - start:.1f}\n")
+  if not os.path.exists(seconds_file):
     return None
-  os.makedirs(model_dir, exist_ok=True)
-  start = time.time()
-  with open(os.path.join(model_dir, "train.log"), "w") as log:
-    result = subprocess.run(cmd, cwd=_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
-  if result.returncode:
-    raise SystemExit(f"reproduce.py: error: run failed ({result.returncode}); see "
-                     f"{os.path.join(model_dir, 'train.log')}: {shlex.join(cmd)}")
-  return time.time() - start
+  with open(seconds_file) as f:
+    return float(f.read())
 
 
 # ---- analysis --------------------------------------------------------------------------------
