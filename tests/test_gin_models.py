@@ -29,7 +29,11 @@ def build(gin_file, bindings=()):
 
 
 def macro(name):
-  return gin.query_parameter(f"%{name}")
+  value = gin.query_parameter(f"%{name}")
+  # A macro defined as another macro (EXPERT_MLP_DIM = %MLP_DIM) is a reference to a macro.
+  if isinstance(value, gin.config.ConfigurableReference):
+    return value.scoped_configurable_fn()
+  return value
 
 
 def abstract_params(model):
