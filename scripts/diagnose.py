@@ -24,8 +24,6 @@ import numpy as np
 
 from moe_jax import config, partitioning, trainer
 
-GROUPS = ("expert_ffn", "dense_ffn", "router", "attention", "embedding", "other")
-
 
 def group_of(path: str, ndim: int) -> str:
   """The parameter group of a param path ('encoder/layers_1/mlp/wi')."""
