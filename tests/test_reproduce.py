@@ -16,6 +16,18 @@ def test_steps_to_reach_interpolates():
   assert reproduce.steps_to_reach([100, 200], [4.0, 3.0], 1.0) is None
 
 
+def test_run_summary_compares_cross_entropy_not_total_loss(tmp_path):
+  # Regression: the eval figure was the total loss, which for an MoE model adds the load-balance
+  # and router z-losses (~0.01 nats here) and biased every Switch-vs-dense comparison.
+  rows = [{"step": 10, "split": "train", "cross_ent_loss": 5.0, "tokens_per_second": 100.0},
+          {"step": 10, "split": "eval", "eval/t/loss": 4.51, "eval/t/cross_ent_loss": 4.5,
+           "eval/t/accuracy": 0.3}]
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  summary = reproduce.run_summary(str(tmp_path), None)
+  assert summary["final_eval_loss"] == 4.5 and summary["eval_loss"] == [4.5]
+
+
 def test_every_claim_names_existing_gins():
   root = os.path.dirname(os.path.dirname(__file__))
   for name, claim in reproduce.CLAIMS.items():
