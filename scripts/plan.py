@@ -33,14 +33,14 @@ from moe_jax import config, partitioning, trainer
 from moe_jax.checkpoints import orbax_utils
 
 START_STEPS = ("fresh", "upcycle")
+OPTIMIZERS = {"adafactor": trainer.adafactor, "adamw": trainer.adamw}
 
 
 def optimizer_for(name: str, boxed_params: Any) -> optax.GradientTransformation:
   """The trainer's optimizer `name` (defaults) for the boxed (logically named) params."""
-  factories = {"adafactor": trainer.adafactor, "adamw": trainer.adamw}
-  if name not in factories:
+  if name not in OPTIMIZERS:
     raise ValueError(f"--optimizer={name!r}: expected adafactor or adamw")
-  return factories[name](nn.get_partition_spec(boxed_params))
+  return OPTIMIZERS[name](nn.get_partition_spec(boxed_params))
 
 
 def upcycle_trees(params: Any) -> tuple[Any, Any]:
@@ -63,8 +63,7 @@ def compile_start(model: Any, mesh: str, steps: Sequence[str], shapes: dict[str,
                      f"{len(devices)} CPU devices (it was started before plan.py could ask "
                      "for more)")
   part = partitioning.Partitioner(mesh_shape=shape, devices=devices[:math.prod(shape)])
-  factories = {"adafactor": trainer.adafactor, "adamw": trainer.adamw}
-  tr = trainer.Trainer(model, part, shapes, factories[optimizer])
+  tr = trainer.Trainer(model, part, shapes, OPTIMIZERS[optimizer])
   out = {}
   for step in steps:
     dense = upcycle_trees(tr.abstract_params)[0] if step == "upcycle" else None
