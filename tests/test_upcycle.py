@@ -31,9 +31,9 @@ MiB = 2**20
 NUM_EXPERTS = 64
 SHAPES = trainer.batch_shapes({"inputs": 16, "targets": 8}, 8, pack=False)
 # Per device, by the size of the 'expert' axis. Upcycling switch_tiny with 64 experts peaks at
-# 9.1 MiB (8 expert partitions) or 13.1 MiB (4): params and optimizer state hold 1/X of every
-# expert weight, plus the dense checkpoint (an argument). One whole expert weight [64, 128, 256]
-# is 8 MiB: gathering any of them breaks the budget.
+# 7.8 MiB (8 expert partitions) or 11.8 MiB (4): params and optimizer state hold 1/X of every
+# expert weight, plus the dense checkpoint (an argument, bfloat16). One whole expert weight
+# [64, 128, 256] is 8 MiB: gathering any of them breaks the budget (checked in _check_bound).
 BUDGET = {8: 10 * MiB, 4: 14 * MiB}
 
 
@@ -79,8 +79,8 @@ def _per_device(arrays):
 @contextlib.contextmanager
 def _watch_arrays():
   """{'largest': bytes of the largest per-device shard of any jax.Array (or list / tuple of
-  them) a Python function returned inside the block, in any thread; 'left': the arrays created
-  inside the block that are still alive at its end}."""
+  them) a Python function returned inside the block, in this thread or one started inside it;
+  'left': the arrays created inside the block that are still alive at its end}."""
   gc.collect()
   before = jax.live_arrays()  # held, so that no new array can take an old one's id
   seen = {"largest": 0}
@@ -178,7 +178,6 @@ def test_upcycling_creates_each_expert_on_its_own_devices(dense_dir, mesh_shape,
       f"{s}/layers_1/mlp/router/w" for s in ("encoder", "decoder")}
 
 
-
 def test_restart_finetune_and_eval_restores_stay_sharded(dense_dir, tmp_path):
   tr = _moe_trainer((1, 8, 1))
   state = _upcycle(tr, dense_dir, str(tmp_path / "up"))[0]
@@ -205,21 +204,23 @@ def test_restart_finetune_and_eval_restores_stay_sharded(dense_dir, tmp_path):
     np.testing.assert_array_equal(np.asarray(got), want)
   del state
 
-  # Fine-tuning from a converted HF checkpoint (the converter's writer: params only, NumPy).
+  # Fine-tuning: initial_checkpoint_mode='params' from that checkpoint, and 'full' from a
+  # converted HF checkpoint (the converter's writer: params only, from NumPy).
   hf_switch.save_params(flax.traverse_util.unflatten_dict(saved, sep="/"),
                         str(tmp_path / "hf"))
   compiled = tr.compile_init(params=tr.abstract_params)
-  with _watch_arrays() as watched:
-    state, _, _ = trainer._restore_or_init(
-        tr, None, model_dir=str(tmp_path / "ft"), seed=0,
-        initial_checkpoint_path=str(tmp_path / "hf"), initial_checkpoint_mode="full",
-        restore_dataset=False)
-  _check_bound(tr, state, watched, compiled)
-  assert int(state.step) == 0
-  for key, value in _flat(state.params).items():
-    assert value.sharding == _flat(tr.params_shardings)[key]
-    np.testing.assert_array_equal(np.asarray(value), saved[key], err_msg=key)
-  del state
+  for source, mode in (("moe", "params"), ("hf", "full")):
+    with _watch_arrays() as watched:
+      state, _, resumed = trainer._restore_or_init(
+          tr, None, model_dir=str(tmp_path / f"ft_{source}"), seed=0,
+          initial_checkpoint_path=str(tmp_path / source), initial_checkpoint_mode=mode,
+          restore_dataset=False)
+    assert not resumed and int(state.step) == 0
+    _check_bound(tr, state, watched, compiled)
+    for key, value in _flat(state.params).items():
+      assert value.sharding == _flat(tr.params_shardings)[key]
+      np.testing.assert_array_equal(np.asarray(value), saved[key], err_msg=key)
+    del state
 
   # Eval / infer restore (restore_for_inference reads params this way).
   with _watch_arrays() as watched:
