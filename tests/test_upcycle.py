@@ -231,11 +231,10 @@ def test_restart_finetune_and_eval_restores_stay_sharded(dense_dir, tmp_path):
 def test_upcycle_target_shards_dense_kernels_like_their_experts():
   """With a 'model' axis the dense MLP kernels are read split over it, as their experts are."""
   mesh = AbstractMesh((2, 2, 2), partitioning.MESH_AXES)
-  moe = {"mlp": {"wi": jax.ShapeDtypeStruct((4, 8, 16), jnp.float32,
-                                            sharding=NamedSharding(mesh, P("expert", None, "model"))),
-                 "router": {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32,
-                                                      sharding=NamedSharding(mesh, P()))}},
-         "norm": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=NamedSharding(mesh, P()))}
+  leaf = lambda shape, *spec: jax.ShapeDtypeStruct(  # noqa: E731
+      shape, jnp.float32, sharding=NamedSharding(mesh, P(*spec)))
+  moe = {"mlp": {"wi": leaf((4, 8, 16), "expert", None, "model"), "router": {"w": leaf((8, 4))}},
+         "norm": leaf((8,))}
   stored = {"mlp": {"wi": jax.ShapeDtypeStruct((8, 16), jnp.bfloat16)},
             "norm": jax.ShapeDtypeStruct((8,), jnp.bfloat16),
             "unused": jax.ShapeDtypeStruct((3,), jnp.float32)}
