@@ -221,10 +221,11 @@ class Trainer:
     None when given: they are the caller's).
 
     Every leaf of the state is an output with its sharding (out_shardings), so XLA creates it
-    directly there: no device ever holds a whole expert weight, and its memory analysis
-    (`.memory_analysis()`) is the step's per-device peak. Compiled once per kind of input, so
-    inspecting it before a run costs no second compile. Arguments are trees of arrays or
-    ShapeDtypeStructs with shardings; with neither, fresh params:
+    directly there: no device ever holds a whole expert weight. Its `.memory_analysis()` is the
+    step's per-device peak on top of the arrays already on the devices (given params are not
+    counted as arguments: the optimizer init reads their shapes alone). Compiled once per kind
+    of input, so inspecting it before a run costs no second compile. Arguments are trees of
+    arrays or ShapeDtypeStructs with shardings; with neither, fresh params:
       params: given params (restored for fine-tuning), fresh optimizer state.
       dense: a dense model's params (orbax_utils.restore_for_upcycle): sparse upcycling; the
         fresh init supplies only the leaves they lack (routers), XLA drops the rest.
