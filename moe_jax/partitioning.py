@@ -495,9 +495,21 @@ def moe_layer_bytes(partitioner: Partitioner, layer: MoeLayerGeometry) -> dict[s
   }
 
 
+def compiled_peak(stats: Any) -> int:
+  """Per-device peak of a compiled step from its `memory_analysis()`: arguments + outputs
+  (less those aliased to arguments) + temporaries."""
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+          + stats.temp_size_in_bytes)
+
+
 @dataclasses.dataclass
 class MemoryPlan:
-  """Per-device memory of a training step (bytes)."""
+  """Per-device memory of a training step and of the start of a run (bytes).
+
+  upcycle_dense, upcycle_fresh: sparse upcycling's dense leaves as restored and the leaves it
+  draws fresh (routers); None for a model without experts. compiled: step name -> the
+  `memory_analysis()` of that start step compiled for the mesh (scripts/plan.py --compile).
+  """
   mesh: dict[str, int]
   params: int
   grads: int
@@ -505,6 +517,9 @@ class MemoryPlan:
   moe_layers: list[tuple[MoeLayerGeometry, dict[str, int]]]
   hbm_bytes: int | None = None
   notes: list[str] = dataclasses.field(default_factory=list)
+  upcycle_dense: int | None = None
+  upcycle_fresh: int = 0
+  compiled: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def moe_activations(self) -> int:
@@ -521,8 +536,28 @@ class MemoryPlan:
     return self.params + self.grads + self.opt_state + self.moe_activations
 
   @property
+  def restore_peak(self) -> int:
+    """A restart or a restore for fine-tuning: orbax reads each device's shards straight into
+    it and a fresh optimizer state is created in its sharding, so params + optimizer state."""
+    return self.params + self.opt_state
+
+  @property
+  def upcycle_peak(self) -> int | None:
+    """Sparse upcycling's jitted step: the dense leaves (its arguments), the MoE params and
+    optimizer state (its outputs), and the routers' random-number temporaries, counted as three
+    times the routers (threefry's counters and bits, then the float draw)."""
+    if self.upcycle_dense is None:
+      return None
+    return self.upcycle_dense + self.params + self.opt_state + 3 * self.upcycle_fresh
+
+  @property
+  def peak(self) -> int:
+    """The largest of the training step's total and the start of a run's planned peaks."""
+    return max(self.total, self.restore_peak, self.upcycle_peak or 0)
+
+  @property
   def fits(self) -> bool | None:
-    return None if self.hbm_bytes is None else self.total <= self.hbm_bytes
+    return None if self.hbm_bytes is None else self.peak <= self.hbm_bytes
 
   def report(self) -> str:
     gib = lambda b: f"{b / 2**30:9.3f} GiB"  # noqa: E731
@@ -537,10 +572,24 @@ class MemoryPlan:
              row(f"MoE activations ({n} layers)", gib(self.moe_activations)),
              row("total", gib(self.total) + "  (not counted: attention / dense activations, "
                  "XLA temporaries)")]
+    lines += ["  start of a run (peak):",
+              row("  restart / restore for fine-tuning",
+                  gib(self.restore_peak) + "  (params + optimizer state)")]
+    if self.upcycle_peak is not None:
+      lines.append(row("  sparse upcycling", gib(self.upcycle_peak) + "  (+ dense checkpoint "
+                       f"{self.upcycle_dense / 2**30:.3f} GiB, routers' RNG "
+                       f"{3 * self.upcycle_fresh / 2**30:.3f} GiB)"))
+    lines.append(row("  fresh initialization", gib(self.restore_peak) + "  + RNG temporaries "
+                     "(device-dependent: --compile fresh)"))
+    for name, stats in self.compiled.items():
+      lines.append(row(f"  compiled {name} step", gib(compiled_peak(stats)) + (
+          f"  (arguments {stats.argument_size_in_bytes / 2**30:.3f} + outputs "
+          f"{stats.output_size_in_bytes / 2**30:.3f} + temporaries "
+          f"{stats.temp_size_in_bytes / 2**30:.3f} GiB)")))
     if self.hbm_bytes is not None:
       verdict = "fits" if self.fits else "does NOT fit"
       lines.append(f"  {verdict} in {self.hbm_bytes / 2**30:g} GiB HBM "
-                   f"({100 * self.total / self.hbm_bytes:.0f}% used)")
+                   f"({100 * self.peak / self.hbm_bytes:.0f}% used at the peak)")
     if self.moe_layers:
       lines.append(row(f"all-to-all per step ({n} layers)",
                        gib(self.all_to_all_per_step) + " sent (as much received), fwd + bwd"))
@@ -561,11 +610,14 @@ class MemoryPlan:
 def plan_memory(partitioner: Partitioner, abstract_params: Any,
                 optimizer: optax.GradientTransformation,
                 moe_layers: Sequence[MoeLayerGeometry] = (),
-                hbm_bytes: int | None = None) -> MemoryPlan:
+                hbm_bytes: int | None = None, upcycle_dense: Any = None,
+                upcycle_fresh: Any = None) -> MemoryPlan:
   """Per-device memory of training with `optimizer` on `partitioner`'s mesh (abstract is fine).
 
   abstract_params: jax.eval_shape of the init, with logical partitioning boxes (the tree given
-  to the optimizer, e.g. variables['params']).
+  to the optimizer, e.g. variables['params']). upcycle_dense, upcycle_fresh: for sparse
+  upcycling, the dense leaves as restored and the MoE leaves drawn fresh, as ShapeDtypeStructs
+  with shardings (orbax_utils.upcycle_target).
   """
   shardings = partitioner.params_shardings(abstract_params)
   values = nn.unbox(abstract_params)
@@ -591,4 +643,11 @@ def plan_memory(partitioner: Partitioner, abstract_params: Any,
                                       sizes),
       moe_layers=[(layer, moe_layer_bytes(partitioner, layer)) for layer in moe_layers
                   if layer.dispatch == "einsum"],
-      hbm_bytes=hbm_bytes, notes=notes)
+      hbm_bytes=hbm_bytes, notes=notes,
+      upcycle_dense=None if upcycle_dense is None else _sharded_bytes(upcycle_dense, sizes),
+      upcycle_fresh=0 if upcycle_fresh is None else _sharded_bytes(upcycle_fresh, sizes))
+
+
+def _sharded_bytes(tree: Any, mesh_sizes: Mapping[str, int]) -> int:
+  """tree_bytes_per_device of ShapeDtypeStructs that carry their shardings."""
+  return tree_bytes_per_device(tree, jax.tree.map(lambda x: x.sharding, tree), mesh_sizes)

@@ -211,30 +211,78 @@ class Trainer:
                                       nonfinite_streak=replicated)
     self._train_step = None
     self._eval_step = None
+    self._compiled_init: dict[Any, jax.stages.Compiled] = {}
 
   # -- state ------------------------------------------------------------------------------------
 
-  def init_state(self, seed: int) -> TrainState:
-    """Fresh params (created directly in their shardings), optimizer state, step 0."""
-    def init(rng):
-      params = nn.unbox(self.model.get_initial_variables(rng, self.input_shapes))["params"]
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        opt_state=self.optimizer.init(params), rng=rng,
-                        nonfinite_streak=jnp.zeros((), jnp.int32))
-    rng = jax.device_put(jax.random.PRNGKey(seed), self.replicated)
-    lowered = self.partitioner.jit(init, in_shardings=(self.replicated,),
-                                   out_shardings=self.state_shardings).lower(rng)
+  def compile_init(self, *, params: PyTree | None = None, dense: PyTree | None = None
+                   ) -> jax.stages.Compiled:
+    """The compiled start of a run: (rng, step[, params or dense]) -> TrainState (its params
+    None when given: they are the caller's).
+
+    Every leaf of the state is an output with its sharding (out_shardings), so XLA creates it
+    directly there: no device ever holds a whole expert weight. Its `.memory_analysis()` is the
+    step's per-device peak on top of the arrays already on the devices (given params are not
+    counted as arguments: the optimizer init reads their shapes alone). Compiled once per kind
+    of input, so inspecting it before a run costs no second compile. Arguments are trees of
+    arrays or ShapeDtypeStructs with shardings; with neither, fresh params:
+      params: given params (restored for fine-tuning), fresh optimizer state.
+      dense: a dense model's params (orbax_utils.restore_for_upcycle): sparse upcycling; the
+        fresh init supplies only the leaves they lack (routers), XLA drops the rest.
+    """
+    if params is not None and dense is not None:
+      raise ValueError("compile_init takes params or dense params, not both")
+    signature = (params is not None, jax.tree.structure((params, dense)),
+                 tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves((params, dense))))
+    if signature not in self._compiled_init:
+      self._compiled_init[signature] = self._compile_init(params, dense)
+    return self._compiled_init[signature]
+
+  def _compile_init(self, params: PyTree | None, dense: PyTree | None) -> jax.stages.Compiled:
+    sources = None if dense is None else orbax_utils.upcycle_sources(dense, self.abstract_params)
+
+    def init(rng, step, *given):
+      if params is not None:  # they stay where they are: as an output they would be copied
+        return TrainState(step=step, params=None, opt_state=self.optimizer.init(given[0]),
+                          rng=rng, nonfinite_streak=jnp.zeros((), jnp.int32))
+      new_params = nn.unbox(self.model.get_initial_variables(rng, self.input_shapes))["params"]
+      if dense is not None:
+        new_params = orbax_utils.upcycle_params(given[0], new_params, sources)
+      return TrainState(step=step, params=new_params, opt_state=self.optimizer.init(new_params),
+                        rng=rng, nonfinite_streak=jnp.zeros((), jnp.int32))
+    given = [jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          tree) for tree in (params, dense) if tree is not None]
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=self.replicated)
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
+    out_shardings = self.state_shardings
+    if params is not None:
+      out_shardings = out_shardings.replace(params=None)
+    in_shardings = (self.replicated, self.replicated,
+                    *[jax.tree.map(lambda x: x.sharding, tree) for tree in given])
+    lowered = self.partitioner.jit(init, in_shardings=in_shardings,
+                                   out_shardings=out_shardings).lower(rng, step, *given)
     # Initialization runs once: on CPU, XLA's backend optimizations cost several times the
     # compile time (seconds to minutes) and save nothing.
     options = ({"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None)
-    return lowered.compile(compiler_options=options)(rng)
+    return lowered.compile(compiler_options=options)
+
+  def _start(self, seed: int, step: int, *given: PyTree, **compile_args: PyTree) -> TrainState:
+    rng = jax.device_put(jax.random.PRNGKey(seed), self.replicated)
+    step = jax.device_put(jnp.asarray(step, jnp.int32), self.replicated)
+    return self.compile_init(**compile_args)(rng, step, *given)
+
+  def init_state(self, seed: int) -> TrainState:
+    """Fresh params (created directly in their shardings), optimizer state, step 0."""
+    return self._start(seed, 0)
 
   def state_from_params(self, params: PyTree, step: int, seed: int) -> TrainState:
-    """A train state around given params with a fresh optimizer state (finetune, upcycle)."""
-    opt_state = self.partitioner.jit(self.optimizer.init, in_shardings=(self.params_shardings,),
-                                     out_shardings=self.opt_shardings)(params)
-    return self.state_from_items(params, {"step": step, "opt_state": opt_state,
-                                          "rng": jax.random.PRNGKey(seed)})
+    """A train state around given (sharded) params with a fresh optimizer state (finetune)."""
+    return self._start(seed, step, params, params=params).replace(params=params)
+
+  def upcycle_state(self, dense: PyTree, seed: int) -> TrainState:
+    """Sparse upcycling: step 0 from a dense model's params (orbax_utils.restore_for_upcycle),
+    fresh routers and optimizer state, every leaf created in its sharding (compile_init)."""
+    return self._start(seed, 0, dense, dense=dense)
 
   def state_from_items(self, params: PyTree, train_state: Mapping[str, Any]) -> TrainState:
     """A TrainState from params and the orbax 'train_state' item (step, rng, opt_state)."""
@@ -520,17 +568,11 @@ def _restore_or_init(trainer: Trainer, it, *, model_dir: str, seed: int,
   ckpt_dir, ckpt_step = orbax_utils.resolve_path(initial_checkpoint_path)
   source = orbax_utils.step_dir(ckpt_dir, ckpt_step)
   if initial_checkpoint_mode == "upcycle":
-    dense_abstract, _ = orbax_utils.params_metadata(source)
-    dense_abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=trainer.replicated),
-        dense_abstract)
-    dense, _ = orbax_utils.restore_params_from_path(source, dense_abstract)
-    fresh = trainer.init_state(seed)
-    params, report = orbax_utils.upcycle_params(dense, fresh.params)
+    dense, sources = orbax_utils.restore_for_upcycle(source, trainer.abstract_params)
+    report = orbax_utils.upcycle_report(sources, trainer.abstract_params)
     logging.info("sparse upcycling from %s: %d copied, %d expert weights tiled, fresh: %s",
                  source, len(report["copied"]), len(report["tiled"]), report["fresh"])
-    params = jax.device_put(params, trainer.params_shardings)
-    return trainer.state_from_params(params, 0, seed), source, False
+    return trainer.upcycle_state(dense, seed), source, False
 
   reader = orbax_utils.read_only_manager(ckpt_dir)
   has_train_state = (epath.Path(source) / "train_state").is_dir()
@@ -656,7 +698,7 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
       a model dir (latest step) [INITIAL_CHECKPOINT_PATH].
     initial_checkpoint_mode: 'full' (params, optimizer state, step, rng; params only when the
       checkpoint has no optimizer state), 'params' (params and step, fresh optimizer), or
-      'upcycle' (a dense checkpoint -> this MoE model, step 0; see orbax_utils.upcycle_params).
+      'upcycle' (a dense checkpoint -> this MoE model, step 0; see Trainer.upcycle_state).
     restore_dataset: also restore the data position from initial_checkpoint_path.
     stats_period: steps per summary (TensorBoard, metrics.jsonl, progress bar loss) and per
       check of the non-finite guard.

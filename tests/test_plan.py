@@ -2,8 +2,12 @@
 hand, a paper-size model on 256 and 2048 abstract devices, and a tiny model checked against
 real shards on the 8 simulated devices."""
 import importlib.util
+import json
 import math
+import os
 import pathlib
+import subprocess
+import sys
 
 import flax.linen as nn
 import gin
@@ -145,3 +149,67 @@ def test_switch_tiny_plan_matches_real_shards():
 
   assert p.params == bytes_per_device(params)
   assert p.opt_state == bytes_per_device(state)
+
+
+def _abstract_params(gin_file, bindings):
+  """A gin model's boxed params, traced abstractly."""
+  from moe_jax import config
+  gin.clear_config()
+  model = config.build_model([gin_file], bindings)
+  shapes = {"encoder_input_tokens": (8, 16), "decoder_input_tokens": (8, 8)}
+  return jax.eval_shape(lambda r: model.get_initial_variables(r, shapes),
+                        jax.random.key(0))["params"]
+
+
+def _param_bytes(gin_file, bindings):
+  """Bytes of a gin model's params (all of them, unsharded)."""
+  return _named_bytes(nn.unbox(_abstract_params(gin_file, bindings)), lambda k, s: True)
+
+
+def _output_tuple_bytes(gin_file, bindings):
+  """XLA:CPU's output tuple of a start step: an 8-byte pointer per TrainState leaf (params,
+  Adafactor state, step, rng, non-finite streak)."""
+  boxed = _abstract_params(gin_file, bindings)
+  opt = jax.eval_shape(plan.optimizer_for("adafactor", boxed).init, nn.unbox(boxed))
+  return 8 * (len(jax.tree.leaves(boxed)) + len(jax.tree.leaves(opt)) + 3)
+
+
+# A compiled start step's extra arguments and outputs: rng uint32[2] and step int32 in; step,
+# rng and the non-finite streak int32 out.
+_SCALARS_IN, _SCALARS_OUT = 8 + 4, 4 + 8 + 4
+
+
+def test_switch_base_upcycles_on_256_devices_within_the_plan(tmp_path):
+  """The issue's acceptance check: upcycling switch_base compiled ahead of time for 256
+  simulated devices (a fresh process: this one has 8) fits the planner's per-device figure,
+  and the figure fits 16 GiB, although the expert weights alone are 27 GiB."""
+  code = (
+      "import json, sys; sys.argv = ['plan.py']; import runpy\n"
+      f"plan = runpy.run_path({str(_ROOT / 'scripts' / 'plan.py')!r})\n"
+      "plan['_simulate_cpu_devices'](256)\n"
+      f"p = plan['build_plan']([{SWITCH_BASE!r}], 'data:32,expert:8,model:1', batch_size=256,"
+      " inputs_length=512, targets_length=114, hbm_gib=16, compile_steps=['upcycle'])\n"
+      "s = p.compiled['upcycle']\n"
+      "print(json.dumps(dict(params=p.params, opt=p.opt_state, dense=p.upcycle_dense,"
+      " fresh=p.upcycle_fresh, peak=p.upcycle_peak, fits=p.fits,"
+      " arguments=s.argument_size_in_bytes,"
+      " outputs=s.output_size_in_bytes, temp=s.temp_size_in_bytes)))\n")
+  env = dict(os.environ, PYTHONPATH=str(_ROOT))
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                        cwd=tmp_path, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  # The dense checkpoint is T5-Base's (switch_base's dense counterpart): with no 'model' axis
+  # every dense leaf is whole on each device. The fresh leaves are the 12 routers [m, e].
+  assert got["dense"] == _param_bytes(str(_ROOT / "gin" / "models" / "t5_base.gin"), [])
+  assert got["fresh"] == 12 * 768 * 128 * 4
+  # XLA's figures for the compiled step: arguments and outputs exactly as planned, temporaries
+  # within the planned allowance for the routers' random numbers.
+  assert got["arguments"] == got["dense"] + _SCALARS_IN
+  assert got["outputs"] == got["params"] + got["opt"] + _SCALARS_OUT + \
+      _output_tuple_bytes(SWITCH_BASE, [])
+  assert got["temp"] <= 3 * got["fresh"]
+  compiled = got["arguments"] + got["outputs"] + got["temp"]
+  assert compiled <= got["peak"] < 16 * 2**30 and got["fits"]
+  expert_weights = 12 * 2 * 128 * 768 * 3072 * 4  # 27 GiB, 3.4 GiB per expert partition
+  assert compiled < expert_weights / 5

@@ -19,6 +19,7 @@ import jax
 from etils import epath
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 STEP_PREFIX = "checkpoint"
 ITEMS = ("params", "train_state", "data")
@@ -132,8 +133,16 @@ def params_metadata(path: str) -> tuple[Any, int]:
 
 
 # --- sparse upcycling (Komatsuzaki et al. 2022) ---------------------------------------------
+#
+# At pod scale nothing may be built whole on one device: switch_base's expert weights are 29 GB
+# in float32. The dense checkpoint is read straight into shardings derived from the MoE model's
+# (restore_for_upcycle), and `upcycle_params` runs inside one jitted function whose outputs have
+# the MoE params' shardings (trainer.Trainer.compile_init), so XLA writes each device's experts
+# from its own shard of the dense kernel.
 
 _EXPERT_WEIGHTS = ("wi", "wi_0", "wi_1", "wo")
+# (kind, dense leaf): 'copied' (same path and shape) or 'tiled' (expert weight [e, ...] <- [...]).
+UpcycleSources = dict[tuple[str, ...], tuple[str, tuple[str, ...]]]
 
 
 def _dense_mlp_match(moe_path: tuple[str, ...], dense_flat: Mapping[tuple[str, ...], Any],
@@ -152,33 +161,107 @@ def _dense_mlp_match(moe_path: tuple[str, ...], dense_flat: Mapping[tuple[str, .
   return best
 
 
-def upcycle_params(dense_params: Any, moe_params: Any) -> tuple[Any, dict[str, list[str]]]:
-  """Dense params + freshly initialized MoE params -> upcycled MoE params.
+def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
 
-  Every MoE leaf with the same path and shape in the dense tree is copied; each expert weight
-  [e, ...] becomes e copies of the dense MLP kernel of its layer; everything else (routers) keeps
-  its fresh initialization. Returns (params, report) with report keys 'copied', 'tiled', 'fresh'.
+
+def upcycle_sources(dense_params: Any, moe_params: Any) -> UpcycleSources:
+  """Where each MoE leaf comes from, read off the shapes alone (arrays or ShapeDtypeStructs).
+
+  A MoE leaf with the same path and shape in the dense tree is 'copied'; an expert weight
+  [e, ...] is 'tiled' from the dense MLP kernel of its layer; any other leaf (routers) is absent:
+  it keeps its fresh initialization. ValueError when no expert weight finds a dense kernel.
   """
-  dense_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(dense_params))
-  moe_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(moe_params))
-  out, report = {}, {"copied": [], "tiled": [], "fresh": []}
-  for path, fresh in moe_flat.items():
-    key = "/".join(path)
+  dense_flat = _flat(dense_params)
+  sources: UpcycleSources = {}
+  for path, fresh in _flat(moe_params).items():
     dense = dense_flat.get(path)
     if dense is not None and tuple(dense.shape) == tuple(fresh.shape):
-      out[path] = jnp.asarray(dense, fresh.dtype)
-      report["copied"].append(key)
-      continue
-    if path[-1] in _EXPERT_WEIGHTS and fresh.ndim >= 3:
+      sources[path] = ("copied", path)
+    elif path[-1] in _EXPERT_WEIGHTS and len(fresh.shape) >= 3:
       match = _dense_mlp_match(path, dense_flat, tuple(fresh.shape))
       if match is not None:
-        kernel = jnp.asarray(dense_flat[match], fresh.dtype)
-        out[path] = jnp.broadcast_to(kernel[None], fresh.shape)
-        report["tiled"].append(f"{key} <- {'/'.join(match)}")
-        continue
-    out[path] = fresh
-    report["fresh"].append(key)
-  if not report["tiled"]:
+        sources[path] = ("tiled", match)
+  if not any(kind == "tiled" for kind, _ in sources.values()):
     raise ValueError("sparse upcycling found no dense MLP kernel for any expert weight; is the "
                      "checkpoint a dense model with the same layer names?")
-  return flax.traverse_util.unflatten_dict(out), report
+  return sources
+
+
+def upcycle_report(sources: UpcycleSources, moe_params: Any) -> dict[str, list[str]]:
+  """{'copied': [...], 'tiled': ['moe <- dense', ...], 'fresh': [...]} paths, for the log."""
+  report: dict[str, list[str]] = {"copied": [], "tiled": [], "fresh": []}
+  for path in _flat(moe_params):
+    kind, source = sources.get(path, ("fresh", path))
+    key = "/".join(path)
+    report[kind].append(f"{key} <- {'/'.join(source)}" if kind == "tiled" else key)
+  return report
+
+
+def upcycle_params(dense_params: Any, moe_params: Any, sources: UpcycleSources) -> Any:
+  """Dense params + freshly initialized MoE params -> upcycled MoE params (jit-traceable).
+
+  dense_params: the dense leaves `sources` names (others are ignored). Copied leaves take the
+  MoE leaf's dtype; each expert weight [e, ...] becomes e copies of its dense kernel [...].
+  Under jit with the MoE shardings as out_shardings, every device broadcasts only its experts.
+  """
+  dense_flat = _flat(dense_params)
+  out = {}
+  for path, fresh in _flat(moe_params).items():
+    if path not in sources:
+      out[path] = fresh
+      continue
+    kind, source = sources[path]
+    value = jnp.asarray(dense_flat[source], fresh.dtype)
+    out[path] = value if kind == "copied" else jnp.broadcast_to(value[None], fresh.shape)
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def dense_shapes(abstract_moe_params: Any) -> Any:
+  """The dense model a MoE model upcycles from, as ShapeDtypeStructs (for planning): routers
+  left out, each expert weight [e, ...] as its dense kernel [...]."""
+  out = {}
+  for path, leaf in _flat(abstract_moe_params).items():
+    if path[-1] in _EXPERT_WEIGHTS and len(leaf.shape) >= 3:
+      out[path] = jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+    elif "router" not in path:
+      out[path] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def upcycle_target(dense_params: Any, abstract_moe_params: Any) -> tuple[Any, UpcycleSources]:
+  """(the dense leaves the MoE model uses as ShapeDtypeStructs with shardings, sources).
+
+  dense_params: the dense checkpoint's shapes and dtypes (kept: upcycle_params casts inside the
+  jitted step). abstract_moe_params: the MoE params with shardings. A copied leaf takes its MoE
+  leaf's sharding, a tiled kernel [...] the expert weight's without the expert dimension
+  ([e,m,h] P('expert', None, 'model') -> [m,h] P(None, 'model')), so no device reads more of a
+  dense leaf than it writes.
+  """
+  sources = upcycle_sources(dense_params, abstract_moe_params)
+  dense_flat, moe_flat = _flat(dense_params), _flat(abstract_moe_params)
+  target = {}
+  for moe_path, (kind, source) in sources.items():
+    sharding = moe_flat[moe_path].sharding
+    if kind == "tiled":
+      sharding = NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
+    leaf = dense_flat[source]
+    target[source] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+  return flax.traverse_util.unflatten_dict(target), sources
+
+
+def restore_for_upcycle(path: str, abstract_moe_params: Any) -> tuple[Any, UpcycleSources]:
+  """(dense params, sources) for sparse upcycling from an explicit checkpoint path.
+
+  Only the dense leaves the MoE model uses are read (upcycle_target), each straight into its
+  sharding at its stored dtype: orbax reads each device's slice of the file, so no device holds
+  more of a leaf than its sharding gives it.
+  """
+  stored, _ = params_metadata(path)
+  target, sources = upcycle_target(stored, abstract_moe_params)
+  model_dir, step = resolve_path(path)
+  item = epath.Path(step_dir(model_dir, step)) / "params"
+  args = ocp.args.PyTreeRestore(item=target,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                partial_restore=True)
+  return ocp.PyTreeCheckpointer().restore(item, args=args), sources
