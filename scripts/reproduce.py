@@ -75,8 +75,15 @@ _WIDE = Variant("dense T5, 8x d_ff (4.5x FLOPs)", "t5",
                 scale_bindings=(("tiny", ("MLP_DIM=2048",)), ("mini", ("MLP_DIM=8192",))))
 
 
+# Experts in each scale's switch gin: that variant is the Switch baseline run, not a copy of it.
+_GIN_EXPERTS = {"tiny": 8, "mini": 16}
+
+
 def _experts(e: int) -> Variant:
-  return _DENSE if e == 1 else Variant(f"{e} experts", "switch", (f"NUM_EXPERTS={e}",))
+  if e == 1:
+    return _DENSE
+  return Variant(f"{e} experts", "switch", scale_bindings=tuple(
+      (scale, () if n == e else (f"NUM_EXPERTS={e}",)) for scale, n in _GIN_EXPERTS.items()))
 
 
 def _span(claim: Claim) -> Claim:
