@@ -149,3 +149,28 @@ def test_bad_distillation_settings_are_one_line(teacher_dir, tmp_path, capsys):
   assert ("TEACHER_CHECKPOINT: the teacher's vocabulary has 2100 ids, the student's "
           "(VOCAB_SIZE) 2304") in line
   assert not os.listdir(tmp_path)  # nothing was written
+
+
+def test_reproduce_distillation_quick(tmp_path):
+  """scripts/reproduce.py distillation --quick: dense, teacher and student runs through the CLI,
+  the student trained from the teacher's run, the JSON report and the plot."""
+  sys.path.insert(0, os.path.join(ROOT, "scripts"))
+  import reproduce  # pylint: disable=import-outside-toplevel
+  report = reproduce.reproduce_distillation(quick=True, runs_dir=str(tmp_path / "runs"),
+                                            out=str(tmp_path / "out"), log=lambda _: None)
+  with open(tmp_path / "out" / "distillation.json") as f:
+    saved = json.load(f)
+  assert saved["figures"] == json.loads(json.dumps(report["figures"]))
+  assert os.path.getsize(tmp_path / "out" / "distillation.png") > 10_000
+  dense, teacher, student = saved["commands"]
+  assert "t5_tiny.gin" in dense and "runs/pretrain.gin" in teacher
+  teacher_dir = teacher.split("MODEL_DIR=")[1].strip("'\"")
+  assert "runs/distill.gin" in student and f"TEACHER_CHECKPOINT='{teacher_dir}'" in student
+  final = saved["figures"]["final_eval_xent"]
+  assert all(np.isfinite(v) for v in final.values()) and len(final) == 3
+  assert saved["figures"]["teacher_gain"] == pytest.approx(
+      final["dense T5"] - final["Switch"])
+  student_dir = student.split("MODEL_DIR=")[1].strip("'\"")
+  with open(os.path.join(ROOT, student_dir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert all("teacher_cross_ent_loss" in r for r in rows if r["split"] == "train")
