@@ -93,7 +93,6 @@ class Distillation:
     """Validates the settings and the teacher checkpoint (validation.SettingError, before
     anything is compiled) -> (the model to train, the teacher's params in their shardings)."""
     path = self.teacher_checkpoint
-    validation.number("DISTILLATION_ALPHA", self.alpha, minimum=0.0)
     try:
       stored, _ = orbax_utils.params_metadata(path)
     except (FileNotFoundError, ValueError, OSError) as e:

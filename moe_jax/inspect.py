@@ -137,7 +137,7 @@ def token_classes(pieces: Sequence[str]) -> np.ndarray:
       cls = "number"
     elif text and all(not c.isalnum() for c in text):
       cls = "punctuation"
-    elif text.isalnum() or text.replace("_", "").isalnum():
+    elif text.replace("_", "").isalnum():
       cls = "word start" if piece.startswith(_WORD_START) else "word piece"
     else:
       cls = "other"

@@ -15,6 +15,7 @@ import pytest
 from moe_jax import config
 from moe_jax import data
 from moe_jax import distill
+from moe_jax import partitioning
 from moe_jax import train
 from moe_jax import trainer
 
@@ -99,6 +100,12 @@ def test_student_starts_from_the_teachers_non_expert_weights(teacher_dir, tmp_pa
   assert set(student) == set(teacher) - routers
   for key in set(teacher) - routers - experts:  # every non-expert weight, copied exactly
     np.testing.assert_array_equal(student[key], teacher[key], err_msg=key)
+  # The student is t5_tiny (the dense baseline of switch_tiny): same weights, same shapes.
+  dense = config.build_model(["gin/models/t5_tiny.gin"])
+  abstract = jax.eval_shape(lambda r: dense.get_initial_variables(
+      r, trainer.batch_shapes(LENGTHS, 8, True)), jax.random.PRNGKey(0))
+  t5_tiny = flax.traverse_util.flatten_dict(flax.core.meta.unbox(abstract)["params"], sep="/")
+  assert {k: v.shape for k, v in t5_tiny.items()} == {k: v.shape for k, v in student.items()}
   for key in experts:  # the dense MLPs of the teacher's MoE layers start fresh
     assert teacher[key].shape[0] == 8 and student[key].shape == teacher[key].shape[1:]
     assert np.std(student[key]) > 0
@@ -107,12 +114,13 @@ def test_student_starts_from_the_teachers_non_expert_weights(teacher_dir, tmp_pa
 
 
 def test_distill_cli_trains_the_student(teacher_dir, tmp_path):
-  """`python -m moe_jax.train ... distill.gin` for 3 steps: the train metrics carry both parts
-  of the loss, mixed with DISTILLATION_ALPHA."""
+  """`python -m moe_jax.train ... distill.gin` for 3 steps on a mesh with an 'expert' axis of 2
+  (the teacher's experts split over it): the train metrics carry both parts of the loss, mixed
+  with DISTILLATION_ALPHA."""
   env = dict(os.environ, PYTHONPATH=ROOT)
   cmd = [sys.executable, "-m", "moe_jax.train", SWITCH, "--gin_file=gin/runs/distill.gin",
          *SMALL, f'--gin.MODEL_DIR="{tmp_path}"', f'--gin.TEACHER_CHECKPOINT="{teacher_dir}"',
-         "--gin.TRAIN_STEPS=3", "--gin.DISTILLATION_ALPHA=0.5"]
+         "--gin.TRAIN_STEPS=3", "--gin.DISTILLATION_ALPHA=0.5", "--gin.NUM_EXPERT_PARTITIONS=2"]
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Finished at step 3" in out.stdout
@@ -124,6 +132,22 @@ def test_distill_cli_trains_the_student(teacher_dir, tmp_path):
     assert r["cross_ent_loss"] == pytest.approx(mixed, rel=1e-5)
     assert r["loss"] == pytest.approx(mixed + r["z_loss"], rel=1e-5)
     assert not any(k.startswith("moe/") for k in r)  # the student is dense
+
+
+def test_teacher_params_are_sharded_like_the_student(teacher_dir):
+  teacher = config.build_model(["gin/models/switch_tiny.gin"], ["NUM_EXPERT_PARTITIONS=2"])
+  part = partitioning.Partitioner(num_expert_partitions=2)
+  model, params = distill.Distillation(teacher_dir, 0.25).setup(
+      teacher, part, trainer.batch_shapes(LENGTHS, 8, True))
+  assert dict(part.mesh.shape) == {"data": 4, "expert": 2, "model": 1}
+  for stack in ("encoder", "decoder"):
+    mlp = params[stack]["layers_1"]["mlp"]
+    assert mlp["wi"].shape == (8, 128, 256) and mlp["wi"].sharding.spec[0] == "expert"
+    assert mlp["wi"].sharding.mesh == part.mesh
+  # The student's shared weights get the same shardings as the teacher's.
+  student = trainer.Trainer(model, part, trainer.batch_shapes(LENGTHS, 8, True))
+  emb = params["token_embedder"]["embedding"]
+  assert student.params_shardings["token_embedder"]["embedding"] == emb.sharding
 
 
 def _error_line(capsys, argv):

@@ -99,6 +99,8 @@ def test_report_says_tokens_go_by_parity(parity_checkpoint, tmp_path):
   for name, tokens in (("encoder/layers_1/mlp", enc), ("decoder/layers_1/mlp", dec)):
     layer = report["layers"][name]
     assert layer["tokens"] == len(tokens) and layer["fraction_dropped"] == 0.0
+    assert layer["column_kind"] == "token class"  # every token has one
+    assert np.sum(layer["column_counts"]) == len(tokens) and layer["labelled_fraction"] == 1.0
     for e, (counts, confidence) in enumerate(_expected(tokens, embedding)):
       expert = layer["experts"][e]
       top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
@@ -133,6 +135,14 @@ def test_domain_labels_follow_the_corpus_chains():
     unknown += int((labels < 0).sum())
   # Only the document's own chain holds its bigrams; a few are held by several domains.
   assert wrong == 0 and right > 0.8 * (right + unknown)
+
+
+def test_token_classes_from_pieces():
+  pieces = ["<pad/start>", "</s>", "<extra_id_3>", "\u2581the", "ing", "\u258142", "\u2581.",
+            "):", "\u2581", "\u2581__init__"]
+  expected = ["start/pad", "EOS", "sentinel", "word start", "word piece", "number",
+              "punctuation", "punctuation", "other", "word start"]
+  assert [inspect_lib.TOKEN_CLASSES[c] for c in inspect_lib.token_classes(pieces)] == expected
 
 
 def test_mutual_information_of_known_tables():
