@@ -343,6 +343,13 @@ def cross_entropy_with_z_loss(logits: Array, targets: Array, z_loss: float,
   return cross_ent, z_loss * jnp.square(log_z)
 
 
+def soft_cross_entropy(logits: Array, teacher_logits: Array) -> Array:
+  """Per-token cross-entropy against a teacher's token distribution: -Σ_v p_teacher · log
+  p_student. logits, teacher_logits [b,l,v] float32 -> [b,l]."""
+  teacher_probs = jax.nn.softmax(teacher_logits, axis=-1)
+  return -jnp.sum(teacher_probs * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
 class EncoderDecoderModel:
   """The model the trainer sees: a `Transformer` plus its loss, metrics, scoring and decoding.
 
@@ -402,10 +409,20 @@ class EncoderDecoderModel:
                                       deterministic=deterministic, rngs=rngs, mutable=["moe"])
     return logits, state.get("moe", {})
 
-  def loss_fn(self, params: Any, batch: Mapping[str, Array], rng: Array | None
+  def logits(self, params: Any, batch: Mapping[str, Array]) -> Array:
+    """Deterministic teacher-forced logits [b,l,v] float32 (eval capacity factor)."""
+    return self._apply(params, batch, None)[0]
+
+  def loss_fn(self, params: Any, batch: Mapping[str, Array], rng: Array | None,
+              teacher_logits: Array | None = None, teacher_weight: float = 0.0
               ) -> tuple[Array, dict[str, Array]]:
     """-> (scalar loss, metrics). rng None runs deterministically (no dropout, no jitter, eval
-    capacity factor); otherwise it seeds the 'dropout' and 'router' streams."""
+    capacity factor); otherwise it seeds the 'dropout' and 'router' streams.
+
+    teacher_logits [b,l,v] (distillation, moe_jax/distill.py): the cross-entropy term becomes
+    (1 - teacher_weight) · xent(targets) + teacher_weight · xent(teacher's token
+    probabilities); the metrics add both parts (target_cross_ent_loss, teacher_cross_ent_loss).
+    """
     logits, moe_state = self._apply(params, batch, rng)
     targets = jnp.asarray(batch["decoder_target_tokens"])
     weights = self._loss_weights(batch)
@@ -413,6 +430,12 @@ class EncoderDecoderModel:
     denom = jnp.maximum(num_tokens, 1.0)
     cross_ent, z_term = cross_entropy_with_z_loss(logits, targets, self.z_loss,
                                                   self.label_smoothing)
+    distill_metrics = {}
+    if teacher_logits is not None:
+      soft = soft_cross_entropy(logits, teacher_logits)
+      distill_metrics = {"target_cross_ent_loss": jnp.sum(cross_ent * weights) / denom,
+                         "teacher_cross_ent_loss": jnp.sum(soft * weights) / denom}
+      cross_ent = (1.0 - teacher_weight) * cross_ent + teacher_weight * soft
     cross_ent_loss = jnp.sum(cross_ent * weights) / denom
     z_loss = jnp.sum(z_term * weights) / denom
     losses, moe_metrics = moe_layer.summarize(moe_state, self.aux_loss_layers)
@@ -422,7 +445,7 @@ class EncoderDecoderModel:
     accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / denom
     metrics = {"loss": loss, "cross_ent_loss": cross_ent_loss, "z_loss": z_loss,
                "aux_loss": aux_loss, "router_z_loss": router_z_loss, "accuracy": accuracy,
-               "num_tokens": num_tokens}
+               "num_tokens": num_tokens, **distill_metrics}
     metrics.update({f"moe/{k}": v for k, v in moe_metrics.items()})
     return loss, metrics
 

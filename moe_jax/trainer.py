@@ -160,7 +160,8 @@ def batch_shapes(task_feature_lengths: Mapping[str, int], batch_size: int,
 # Terms of models.EncoderDecoderModel's loss normalized by the batch's target tokens; the
 # rest of the loss (MoE aux and router z-losses) is a mean over MoE groups.
 _TOKEN_NORMALIZED_LOSSES = ("cross_ent_loss", "z_loss")
-_TOKEN_NORMALIZED_METRICS = ("cross_ent_loss", "z_loss", "accuracy")
+_TOKEN_NORMALIZED_METRICS = ("cross_ent_loss", "z_loss", "accuracy", "target_cross_ent_loss",
+                             "teacher_cross_ent_loss")
 
 
 class Trainer:
@@ -177,14 +178,19 @@ class Trainer:
     than max_nonfinite_skips such steps came in a row (0: the first), every later update is
     skipped too (the state stays the last finite one) until the host sees `nonfinite_streak`
     in the metrics and stops the run.
+  frozen_params: arrays the loss reads but does not train, already sharded (a distillation
+    teacher's params, moe_jax/distill.py); each train step takes them as an argument (never
+    baked into the compiled step) and calls model.loss_fn(params, batch, rng, frozen_params).
   """
 
   def __init__(self, model: Any, partitioner: partitioning.Partitioner,
                input_shapes: Mapping[str, tuple[int, ...]],
                optimizer: OptimizerFactory | None = None, *,
                num_microbatches: int = 1,
-               grad_clip_norm: float | None = None, max_nonfinite_skips: int = 0):
+               grad_clip_norm: float | None = None, max_nonfinite_skips: int = 0,
+               frozen_params: PyTree | None = None):
     self.model, self.partitioner = model, partitioner
+    self.frozen_params = frozen_params
     self.num_microbatches = int(num_microbatches)
     self.max_nonfinite_skips = max_nonfinite_skips
     batch_size = next(iter(input_shapes.values()))[0]
@@ -312,7 +318,7 @@ class Trainer:
   def batch_shardings(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
     return {k: self.partitioner.data_sharding(np.ndim(v)) for k, v in batch.items()}
 
-  def _microbatch_grads(self, params, batch, rng):
+  def _microbatch_grads(self, params, batch, rng, frozen=None):
     """(grads, metrics) of the loss over `batch`, accumulated over microbatches.
 
     Microbatch i takes rows i, i+n, i+2n, ... so every device keeps its own rows. The model
@@ -323,13 +329,14 @@ class Trainer:
     gradient up to float summation order.
     """
     n = self.num_microbatches
+    loss_fn = (self.model.loss_fn if frozen is None else
+               lambda p, b, r: self.model.loss_fn(p, b, r, frozen))
     if n == 1:
-      (_, metrics), grads = jax.value_and_grad(self.model.loss_fn, has_aux=True)(
-          params, batch, rng)
+      (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
       return grads, metrics
 
     def objective(p, mb, mb_rng, share):
-      loss, metrics = self.model.loss_fn(p, mb, mb_rng)
+      loss, metrics = loss_fn(p, mb, mb_rng)
       per_token = sum(metrics[k] for k in _TOKEN_NORMALIZED_LOSSES)
       return share * per_token + (loss - per_token) / n, metrics
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -354,16 +361,16 @@ class Trainer:
       return (grads_acc, metrics_acc), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    metrics_shape = jax.eval_shape(lambda: self.model.loss_fn(params, first, rng)[1])
+    metrics_shape = jax.eval_shape(lambda: loss_fn(params, first, rng)[1])
     zeros = (jax.tree.map(jnp.zeros_like, params),
              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
     (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(n), micro, shares))
     metrics["num_tokens"] = jnp.sum(tokens)
     return grads, metrics
 
-  def _train_step_impl(self, state: TrainState, batch, lr):
+  def _train_step_impl(self, state: TrainState, batch, lr, frozen=None):
     rng = jax.random.fold_in(state.rng, state.step)
-    grads, metrics = self._microbatch_grads(state.params, batch, rng)
+    grads, metrics = self._microbatch_grads(state.params, batch, rng, frozen)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = jax.tree.map(lambda p, u: p + (lr * u).astype(p.dtype), state.params, updates)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
@@ -387,11 +394,13 @@ class Trainer:
     """One optimizer update on a global batch (from Partitioner.shard_batch). `state` is
     donated: its buffers are reused for the result."""
     if self._train_step is None:
+      frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen_params)
       self._train_step = self.partitioner.jit(
           self._train_step_impl,
-          in_shardings=(self.state_shardings, self.batch_shardings(batch), self.replicated),
+          in_shardings=(self.state_shardings, self.batch_shardings(batch), self.replicated,
+                        frozen_shardings),
           out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
-    return self._train_step(state, batch, np.float32(learning_rate))
+    return self._train_step(state, batch, np.float32(learning_rate), self.frozen_params)
 
   def eval_step(self, params: PyTree, batch: Mapping[str, Array]) -> dict[str, Array]:
     """Deterministic metrics (eval capacity factor) of a global batch."""
@@ -673,7 +682,7 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
           restore_dataset: bool = False, stats_period: int = 10, eval_period: int = 0,
           eval_steps: int | None = 20, eval_split: str = "validation",
           max_nonfinite_skips: int = 0, use_tqdm: bool = True,
-          write_jsonl: bool = True) -> TrainSummary:
+          write_jsonl: bool = True, distillation: Any | None = None) -> TrainSummary:
   """Trains `model` to step `total_steps`; resumes from MODEL_DIR's newest good checkpoint.
 
   Args (gin macros of gin/runs/*.gin in brackets):
@@ -708,6 +717,10 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
     max_nonfinite_skips: 0 stops the run at the first step with a non-finite loss or gradient
       (nothing of it is applied or saved); N > 0 skips such updates and stops after more than N
       in a row [MAX_NONFINITE_SKIPS].
+    distillation: a distill.Distillation (gin/runs/distill.gin): `model` is then the MoE
+      teacher, and the run trains its dense student against the teacher's token probabilities,
+      starting from the teacher's non-expert weights (unless MODEL_DIR or
+      initial_checkpoint_path has a checkpoint).
   Raises validation.SettingError for a bad setting (before anything is compiled) and
   validation.RunError when the run cannot go on (divergence, a failed save, a busy MODEL_DIR).
   """
@@ -735,9 +748,13 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
   task_vocab_size = data_module().check_task(
       mixture_or_task_name, ["train"] + ([eval_split] if eval_period else []))
   validation.vocabulary(model, task_vocab_size)
-  trainer = Trainer(model, partitioner, batch_shapes(task_feature_lengths, batch_size, pack),
-                    optimizer, num_microbatches=num_microbatches, grad_clip_norm=grad_clip_norm,
-                    max_nonfinite_skips=max_nonfinite_skips)
+  shapes = batch_shapes(task_feature_lengths, batch_size, pack)
+  teacher_params = None
+  if distillation is not None:
+    model, teacher_params = distillation.setup(model, partitioner, shapes)
+  trainer = Trainer(model, partitioner, shapes, optimizer, num_microbatches=num_microbatches,
+                    grad_clip_norm=grad_clip_norm, max_nonfinite_skips=max_nonfinite_skips,
+                    frozen_params=teacher_params)
   if initial_checkpoint_path and initial_checkpoint_mode != "upcycle":
     _check_checkpoint("INITIAL_CHECKPOINT_PATH", initial_checkpoint_path, trainer)
 
@@ -764,6 +781,8 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
         trainer, it, model_dir=model_dir, seed=random_seed,
         initial_checkpoint_path=initial_checkpoint_path,
         initial_checkpoint_mode=initial_checkpoint_mode, restore_dataset=restore_dataset)
+    if distillation is not None and restored_from is None:
+      state = distillation.init_student(trainer, state, teacher_params, random_seed)
     step = int(jax.device_get(state.step))
     if resumed and jax.process_index() == 0:
       print(f"Resumed from {restored_from} (step {step})", flush=True)
@@ -894,7 +913,8 @@ def format_summary(summary: TrainSummary) -> str:
            f"in {summary.seconds:.0f}s."]
   if m:
     parts = [f"loss {float(m['loss']):.4f}"]
-    for key in ("accuracy", "aux_loss", "z_loss", "router_z_loss"):
+    for key in ("accuracy", "aux_loss", "z_loss", "router_z_loss", "target_cross_ent_loss",
+                "teacher_cross_ent_loss"):
       if key in m:
         parts.append(f"{key} {float(m[key]):.4f}")
     if "tokens_per_second" in m:

@@ -171,6 +171,20 @@ def vocabulary(model: Any, task_vocab_size: int) -> None:
                                      f"{task_vocab_size})")
 
 
+def distillation(alpha: Any, teacher_vocab_size: int, student_vocab_size: int) -> None:
+  """DISTILLATION_ALPHA in [0, 1]; the teacher checkpoint's vocabulary is the student's (the
+  loss compares their token distributions id by id)."""
+  number("DISTILLATION_ALPHA", alpha, minimum=0.0)
+  if alpha > 1:
+    raise SettingError("DISTILLATION_ALPHA", f"must be in [0, 1] (the teacher's weight in the "
+                                             f"loss; Switch: 0.25), got {alpha}")
+  if teacher_vocab_size != student_vocab_size:
+    raise SettingError("TEACHER_CHECKPOINT", f"the teacher's vocabulary has "
+                                             f"{teacher_vocab_size} ids, the student's "
+                                             f"(VOCAB_SIZE) {student_vocab_size}; distillation "
+                                             "needs the same vocabulary")
+
+
 def checkpoint_matches(setting: str, path: str, stored: Any, expected: Any) -> None:
   """The params stored at `path` have the model's tree and shapes ({name: shape} dicts).
 

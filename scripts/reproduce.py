@@ -406,6 +406,110 @@ def reproduce(name: str, *, seeds: Sequence[int] | None = None, steps: int | Non
   return report
 
 
+# ---- distillation (Switch Sec. 5): a two-stage claim -----------------------------------------
+
+DISTILLATION = Claim(
+    "MoE-to-dense distillation",
+    "Switch Transformer Sec. 5 / Table 6: a dense student distilled from Switch-Base (initialised "
+    "from the non-expert weights, teacher weight 0.25) keeps ~30% of the teacher's quality gain "
+    "over the same-size dense model", (_DENSE, _SWITCH))
+# The same on span corruption, where the teacher is no better than the dense model.
+DISTILLATION_SPAN = _span(DISTILLATION)
+_STUDENT = "distilled dense student"
+# Seed-to-seed spread of one tiny model's final eval loss (sample_efficiency, docs/results.md): a
+# teacher gain below it leaves the share of it a student keeps undefined.
+SEED_SPREAD = 0.013
+
+
+def distillation_commands(claim: Claim, seed: int, steps: int, scale: str, quick: bool,
+                          runs_dir: str) -> dict[str, tuple[list[str], str]]:
+  """label -> (command, MODEL_DIR) of the dense baseline, the Switch teacher (the same runs as
+  sample_efficiency's) and the student: the teacher's model gin with gin/runs/distill.gin and
+  otherwise the baseline's settings and steps."""
+  runs = {}
+  for variant in claim.variants:
+    cmd = train_command(claim, variant, seed, steps, scale, quick)
+    runs[variant.label] = (with_model_dir(cmd, _run_dir(runs_dir, cmd)), _run_dir(runs_dir, cmd))
+  teacher_dir = runs[_SWITCH.label][1]
+  cmd = [a.replace("gin/runs/pretrain.gin", "gin/runs/distill.gin")
+         for a in train_command(claim, _SWITCH, seed, steps, scale, quick)]
+  cmd.append(f"--gin.TEACHER_CHECKPOINT='{teacher_dir}'")
+  student_dir = os.path.join(runs_dir, "distilled_" + os.path.basename(_run_dir(runs_dir, cmd)))
+  runs[_STUDENT] = (with_model_dir(cmd, student_dir), student_dir)
+  return runs
+
+
+def _eval_xent(model_dir: str) -> tuple[list[int], list[float]]:
+  """Eval cross-entropy curve (the aux and z-losses left out: the models' quality alone)."""
+  _, evals = read_metrics(model_dir)
+  key = lambda row: next(k for k in row if k.endswith("/cross_ent_loss"))  # noqa: E731
+  return [r["step"] for r in evals], [r[key(r)] for r in evals]
+
+
+def reproduce_distillation(name: str = "distillation", *, seed: int = 0,
+                           steps: int | None = None, scale: str = "tiny", quick: bool = False,
+                           runs_dir: str, out: str,
+                           log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Trains (or reuses) the dense model, the teacher and then the student; writes
+  <out>/<name>.json and .png with the share of the teacher's gain the student keeps:
+  (dense - student) / (dense - teacher) in final eval cross-entropy. name: 'distillation'
+  (prefix LM, as the other claims) or 'distillation_span'."""
+  claim = DISTILLATION_SPAN if name == "distillation_span" else DISTILLATION
+  steps = steps or (60 if quick else claim.steps)
+  runs = distillation_commands(claim, seed, steps, scale, quick, runs_dir)
+  curves, commands = {}, []
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  for label, (cmd, model_dir) in tqdm(runs.items(), desc="distillation", unit="run"):
+    commands.append(display_command(cmd))
+    seconds = run_one(cmd, model_dir, steps)
+    eval_steps, xent = _eval_xent(model_dir)
+    curves[label] = {"eval_steps": eval_steps, "eval_xent": xent, "train_seconds": seconds}
+  final = {label: c["eval_xent"][-1] for label, c in curves.items()}
+  gain = final[_DENSE.label] - final[_SWITCH.label]
+  kept = final[_DENSE.label] - final[_STUDENT]
+  figures = {"final_eval_xent": final, "teacher_gain": gain, "student_gain": kept,
+             "share_of_teacher_gain_kept": kept / gain if gain > SEED_SPREAD else None}
+  report = {"claim": name, "title": claim.title, "paper": claim.paper,
+            "task": claim.task, "steps": steps, "seeds": [seed],
+            "scale": "tiny" if quick else scale, "quick": quick,
+            "python_version": platform.python_version(), "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "commands": commands, "figures": figures,
+            "runs": curves}
+  os.makedirs(out, exist_ok=True)
+  stem = os.path.join(out, name if scale == "tiny" or quick else f"{name}_{scale}")
+  with open(stem + ".json", "w") as f:
+    json.dump(report, f, indent=1)
+  _plot_distillation(report, stem + ".png")
+  lines = ["| model | final eval xent |", "|---|---|"]
+  lines += [f"| {label} | {x:.4f} |" for label, x in final.items()]
+  share = figures["share_of_teacher_gain_kept"]
+  lines += ["", f"- teacher's gain over dense: {gain:+.4f} nats; student's: {kept:+.4f} nats; "
+            + (f"share kept: {share:.0%}" if share is not None else
+               f"share kept: undefined (the teacher's gain is not above the seed-to-seed "
+               f"spread, {SEED_SPREAD})")]
+  log("\n".join(lines))
+  return report
+
+
+def _plot_distillation(report: dict[str, Any], path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6.5, 4), layout="constrained")
+  for i, (label, c) in enumerate(report["runs"].items()):
+    ax.plot(c["eval_steps"], c["eval_xent"], marker=".", color=f"C{i}",
+            label=f"{label}: {c['eval_xent'][-1]:.4f}")
+  share = report["figures"]["share_of_teacher_gain_kept"]
+  ax.set(xlabel="step", ylabel="eval cross-entropy (nats/token)",
+         title=report["title"] + (f": student keeps {share:.0%} of the teacher's gain"
+                                  if share is not None else
+                                  ": the teacher's gain is within the seed spread"))
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n")[0])
   parser.add_argument("claim", nargs="?", help="one of --list")
@@ -422,6 +526,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, claim in CLAIMS.items():
       print(f"{name:25s} {claim.title} ({len(claim.variants)} variants x "
             f"{len(claim.seeds)} seed(s), {claim.steps} steps on {claim.task})")
+    for name, claim in (("distillation", DISTILLATION), ("distillation_span", DISTILLATION_SPAN)):
+      print(f"{name:25s} {claim.title} (dense, Switch teacher, student; seed 0, "
+            f"{claim.steps} steps on {claim.task})")
+    return 0
+  if args.claim in ("distillation", "distillation_span"):
+    reproduce_distillation(args.claim, seed=(args.seeds or [0])[0], steps=args.steps,
+                           scale=args.scale, quick=args.quick, runs_dir=args.runs_dir,
+                           out=args.out)
     return 0
   if args.claim not in CLAIMS:
     parser.error(f"claim: unknown {args.claim!r}; one of {', '.join(CLAIMS)}")

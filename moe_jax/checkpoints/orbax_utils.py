@@ -265,3 +265,32 @@ def restore_for_upcycle(path: str, abstract_moe_params: Any) -> tuple[Any, Upcyc
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                 partial_restore=True)
   return ocp.PyTreeCheckpointer().restore(item, args=args), sources
+
+
+# --- dense students of MoE teachers (Switch Transformer Sec. 5) -------------------------------
+
+
+def dense_student_params(moe_params: Any, dense_params: Any) -> tuple[Any, dict[str, list[str]]]:
+  """MoE teacher params + freshly initialized dense params -> the dense student's initial params.
+
+  The reverse of upcycle_params, as the Switch paper distils: every dense leaf with the same path
+  and shape in the teacher (attention, norms, embeddings, the dense MLPs of the dense layers) is
+  copied; the dense MLP of each layer where the teacher has experts keeps its fresh
+  initialization (the teacher's expert weights and routers are not used). Returns (params,
+  report) with report keys 'copied' and 'fresh'.
+  """
+  moe_flat, dense_flat = _flat(moe_params), _flat(dense_params)
+  out, report = {}, {"copied": [], "fresh": []}
+  for path, fresh in dense_flat.items():
+    teacher = moe_flat.get(path)
+    if teacher is not None and tuple(teacher.shape) == tuple(fresh.shape):
+      # A copy: the train step donates the student's buffers and reads the teacher's.
+      out[path] = jnp.array(teacher, fresh.dtype, copy=True)
+      report["copied"].append("/".join(path))
+    else:
+      out[path] = fresh
+      report["fresh"].append("/".join(path))
+  if not report["copied"]:
+    raise ValueError("the teacher shares no weight with the dense student; is the checkpoint a "
+                     "model with the same layer names and dimensions?")
+  return flax.traverse_util.unflatten_dict(out), report
