@@ -4,6 +4,8 @@ Layout (t5x-like): MODEL_DIR/checkpoint_<step>/ holds three orbax items:
   params        the model parameters (optionally saved in a smaller dtype)
   train_state   {'step', 'rng', 'opt_state'}
   data          the input pipeline position (JSON, from data.DatasetIterator.get_state())
+  model         the model's structure (JSON, checkpoints/model_description.py); optional:
+                older and converted checkpoints lack it
 Eval, infer and sparse upcycling read `params` alone. orbax writes each step into a temporary
 directory and renames it when every item is done, so a killed run never leaves a partial
 checkpoint behind. Paths may be local or remote (gs://...; etils.epath, as orbax).
@@ -21,7 +23,9 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 STEP_PREFIX = "checkpoint"
-ITEMS = ("params", "train_state", "data")
+ITEMS = ("params", "train_state", "data")  # every complete checkpoint has these
+MODEL_ITEM = "model"
+_ALL_ITEMS = ITEMS + (MODEL_ITEM,)
 
 
 def absolute(path: str) -> str:
@@ -42,7 +46,7 @@ def make_manager(directory: str, *, max_to_keep: int | None = None) -> ocp.Check
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, step_prefix=STEP_PREFIX, create=True,
       enable_async_checkpointing=True, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(absolute(directory), options=options, item_names=ITEMS)
+  return ocp.CheckpointManager(absolute(directory), options=options, item_names=_ALL_ITEMS)
 
 
 def _cast_floats(tree: Any, dtype: Any) -> Any:
@@ -53,11 +57,14 @@ def _cast_floats(tree: Any, dtype: Any) -> Any:
 
 
 def save(manager: ocp.CheckpointManager, step: int, *, params: Any, train_state: Any,
-         data_state: Mapping[str, Any] | None, params_dtype: Any = None) -> None:
+         data_state: Mapping[str, Any] | None, params_dtype: Any = None,
+         model_description: Mapping[str, Any] | None = None) -> None:
   """Starts an (asynchronous) save of one step; `params_dtype` e.g. jnp.bfloat16 halves it."""
   items = dict(params=ocp.args.StandardSave(_cast_floats(params, params_dtype)),
                train_state=ocp.args.StandardSave(train_state),
                data=ocp.args.JsonSave(dict(data_state or {})))
+  if model_description is not None:
+    items[MODEL_ITEM] = ocp.args.JsonSave(dict(model_description))
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
@@ -113,7 +120,7 @@ def read_only_manager(model_dir: str) -> ocp.CheckpointManager:
   """A manager that restores from another run's MODEL_DIR and never writes there."""
   options = ocp.CheckpointManagerOptions(step_prefix=STEP_PREFIX, read_only=True, create=False,
                                          save_interval_steps=0)
-  return ocp.CheckpointManager(model_dir, options=options, item_names=ITEMS)
+  return ocp.CheckpointManager(model_dir, options=options, item_names=_ALL_ITEMS)
 
 
 def restore_params_from_path(path: str, abstract_params: Any) -> tuple[Any, int]:
