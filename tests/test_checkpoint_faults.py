@@ -228,6 +228,28 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, c
   assert _finite_params(f"{model_dir}/checkpoint_{last_good}")
 
 
+def test_divergence_stops_at_once_with_long_stats_and_checkpoint_periods(tmp_path, capsys):
+  """STATS_PERIOD and CHECKPOINT_PERIOD 500: the run still stops one step after the first
+  non-finite step (the progress bar's last count), not at step 500."""
+  model_dir = tmp_path / "run"
+  train.run(trainer.train, _flags(model_dir, "--gin.TRAIN_STEPS=2",
+                                  "--gin.OPTIMIZER=@trainer.adamw"), "moe_jax.train")
+  code, err = _main_exit(_flags(model_dir, "--gin.TRAIN_STEPS=500", "--gin.STATS_PERIOD=500",
+                                "--gin.CHECKPOINT_PERIOD=500", *DIVERGE), capsys)
+  assert code == 1
+  lines = _error_lines(err)
+  assert len(lines) == 1 and "Traceback" not in err
+  match = re.search(r"non-finite loss, gradient or update at step (\d+) .*MoE layers at that "
+                    r"step: decoder/layers_1/mlp: fraction_dropped .*last good checkpoint: "
+                    rf"{model_dir}/checkpoint_2$", lines[0])
+  assert match, lines[0]
+  bad = int(match.group(1))
+  steps_run = int(re.findall(r"(\d+)/500", err)[-1])
+  assert 2 < bad <= steps_run <= bad + 1, (bad, steps_run)
+  assert orbax_utils.latest_steps(str(model_dir)) == [2]
+  assert _finite_params(f"{model_dir}/checkpoint_2")
+
+
 def test_skipping_nonfinite_updates_counts_them_and_stops_after_n_in_a_row(tmp_path, capsys):
   model_dir = tmp_path / "run"
   code, err = _main_exit(_flags(model_dir, "--gin.TRAIN_STEPS=50", "--gin.MAX_NONFINITE_SKIPS=2",
