@@ -634,7 +634,7 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
           num_data_shards: int | None = None, num_microbatches: int = 1,
           grad_clip_norm: float | None = None, random_seed: int = 0, shuffle: bool = True,
           pack: bool = True, checkpoint_period: int = 1000, keep_checkpoints: int | None = None,
-          checkpoint_params_dtype: str | None = None,
+          checkpoint_params_dtype: str | None = None, checkpoint_save_timeout_s: int = 1200,
           initial_checkpoint_path: str | None = None, initial_checkpoint_mode: str = "full",
           restore_dataset: bool = False, stats_period: int = 10, eval_period: int = 0,
           eval_steps: int | None = 20, eval_split: str = "validation",
@@ -660,6 +660,8 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
     grad_clip_norm: clip gradients to this global norm (None: off, as in T5).
     checkpoint_period, keep_checkpoints: save every N steps (and at the end), keep the last K.
     checkpoint_params_dtype: e.g. 'bfloat16' to store params smaller (restored as float32).
+    checkpoint_save_timeout_s: several processes: how long each background save waits for the
+      other processes' writes (after a write failed on one, the others stop after this long).
     initial_checkpoint_path: used when MODEL_DIR has no checkpoint: a checkpoint_<step> dir or
       a model dir (latest step) [INITIAL_CHECKPOINT_PATH].
     initial_checkpoint_mode: 'full' (params, optimizer state, step, rng; params only when the
@@ -690,6 +692,7 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
                                   ("MAX_NONFINITE_SKIPS", max_nonfinite_skips, 0)):
     validation.integer(setting, value, minimum=minimum)
   validation.integer("KEEP_CHECKPOINTS", keep_checkpoints, minimum=1, allow_none=True)
+  validation.integer("checkpoint_save_timeout_s", checkpoint_save_timeout_s, minimum=1)
   validation.integer("EVAL_STEPS", eval_steps, minimum=1, allow_none=jax.process_count() == 1)
   validation.number("GRAD_CLIP_NORM", grad_clip_norm, positive=True, allow_none=True)
   validation.choice("initial_checkpoint_mode", initial_checkpoint_mode,
@@ -742,7 +745,7 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
     checkpoints = policy.CheckpointPolicy(
         model_dir, keep_checkpoints,
         jnp.dtype(checkpoint_params_dtype) if checkpoint_params_dtype else None,
-        model_description.describe(model))
+        model_description.describe(model), checkpoint_save_timeout_s)
     summary = TrainSummary(
         step=step, model_dir=model_dir, checkpoint=restored_from if resumed else None,
         tensorboard_dir=model_dir, metrics_file=jsonl, preempted=False, final_metrics={},

@@ -146,6 +146,65 @@ def test_second_run_refused_then_kill_9_resumes_with_stale_lock_taken_over(tmp_p
   assert _steps(model_dir) == list(range(1, restored + 3))
 
 
+# A process that takes MODEL_DIR's StoreLock (argv[1]), says so, and holds it.
+_HOLD_STORE_LOCK = """
+import sys, time
+from moe_jax import model_dir, validation
+model_dir.SETTLE_SECONDS = 5.0  # the guarantee's margin, generous on a loaded test machine
+try:
+  lock = model_dir.StoreLock(sys.argv[1])
+except validation.RunError as e:
+  print("refused:", e, flush=True)
+  sys.exit(1)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def _hold_store_lock(model_dir):
+  return subprocess.Popen([sys.executable, "-c", _HOLD_STORE_LOCK, str(model_dir)], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_store_lock_through_epath_excludes_a_second_run_and_takes_over_a_dead_one(tmp_path):
+  """The lock for stores without an exclusive create (gs://), on a local path through the same
+  etils.epath calls: of two runs starting together exactly one gets it; a later one is
+  refused naming the holder; the lock of a killed holder on this host is taken over."""
+  racers = [_hold_store_lock(tmp_path) for _ in range(2)]
+  try:
+    firsts = [p.stdout.readline() for p in racers]
+    assert sorted(line.split(":")[0].strip() for line in firsts) == ["locked", "refused"], firsts
+    holder = racers[[line.strip() for line in firsts].index("locked")]
+    late = _hold_store_lock(tmp_path)
+    out, _ = late.communicate(timeout=120)
+    assert late.returncode == 1
+    assert re.search(rf"MODEL_DIR {tmp_path} is in use by another run \(pid {holder.pid} on .*; "
+                     rf"if that run is gone, delete {tmp_path}/run.lock", out), out
+    holder.kill()
+    holder.wait(timeout=60)
+  finally:
+    for p in racers:
+      if p.poll() is None:
+        p.kill()
+  taker = _hold_store_lock(tmp_path)
+  try:
+    assert taker.stdout.readline() == "locked\n"
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == taker.pid
+  finally:
+    taker.kill()
+    _, err = taker.communicate(timeout=60)
+  assert f"taking over the lock {tmp_path}/run.lock left by a run that is gone (pid " \
+         f"{holder.pid} on " in err
+
+
+def test_store_lock_release_deletes_only_its_own_lock(tmp_path):
+  from moe_jax import model_dir as model_dir_lib  # pylint: disable=import-outside-toplevel
+  lock = model_dir_lib.StoreLock(str(tmp_path))
+  assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+  lock.release()
+  assert not (tmp_path / "run.lock").exists()
+
+
 # ---- full disk --------------------------------------------------------------------------------
 
 

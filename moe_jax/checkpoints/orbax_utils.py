@@ -1,6 +1,6 @@
 """orbax checkpoints for moe_jax train states, plus sparse upcycling of dense checkpoints.
 
-Layout (t5x-like): MODEL_DIR/checkpoint_<step>/ holds three orbax items:
+Layout (t5x-like): MODEL_DIR/checkpoint_<step>/ holds these orbax items:
   params        the model parameters (optionally saved in a smaller dtype)
   train_state   {'step', 'rng', 'opt_state'}
   data          the input pipeline position (JSON, from data.DatasetIterator.get_state())
@@ -37,15 +37,19 @@ def step_dir(model_dir: str, step: int) -> str:
   return str(epath.Path(model_dir) / f"{STEP_PREFIX}_{step}")
 
 
-def make_manager(directory: str, *, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+def make_manager(directory: str, *, max_to_keep: int | None = None,
+                 save_timeout_s: int = 1200) -> ocp.CheckpointManager:
   """An asynchronous CheckpointManager over MODEL_DIR with the checkpoint_<step> naming.
 
   Saving cadence is the trainer's business (it calls `save` with force=True), so the manager
-  itself saves whenever asked.
+  itself saves whenever asked. save_timeout_s: how long a background save waits for the other
+  processes' writes (orbax's default, 20 min); after a write failed on one process, the others
+  wait this long before they give up.
   """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, step_prefix=STEP_PREFIX, create=True,
-      enable_async_checkpointing=True, cleanup_tmp_directories=True)
+      enable_async_checkpointing=True, cleanup_tmp_directories=True,
+      async_options=ocp.AsyncOptions(timeout_secs=save_timeout_s))
   return ocp.CheckpointManager(absolute(directory), options=options, item_names=_ALL_ITEMS)
 
 

@@ -168,19 +168,23 @@ class CheckpointPolicy:
 
   keep: how many complete checkpoints to keep (None: all).
   model_description: saved with every checkpoint (see model_description.describe).
+  save_timeout_s: see orbax_utils.make_manager.
 
   Process 0 confirms each save. With one process a failed save raises RunError at the next
   `poll` (the step after it finished). With several, every process must stop together (a
   process that stops alone leaves its peers waiting in the next collective), so the failure
   is shared by `check`, a one-integer all-gather that the loop calls where all processes are
-  anyway (each stats period, before each save, at the end).
+  anyway (each stats period, before each save, at the end). The other processes' background
+  saves wait for process 0's write at an orbax barrier, up to save_timeout_s, before they
+  reach it.
   """
 
   def __init__(self, model_dir: str, keep: int | None, params_dtype: Any = None,
-               model_description: dict[str, Any] | None = None):
+               model_description: dict[str, Any] | None = None, save_timeout_s: int = 1200):
     self.model_dir, self.keep, self.params_dtype = model_dir, keep, params_dtype
     self.model_description = model_description
-    self.manager = orbax_utils.make_manager(model_dir, max_to_keep=None)
+    self.manager = orbax_utils.make_manager(model_dir, max_to_keep=None,
+                                            save_timeout_s=save_timeout_s)
     self._errors = _OrbaxErrors()
     self._errors.install()
     _ignore_closed_loop_callbacks()
