@@ -1,9 +1,19 @@
 """MODEL_DIR at start-up: one run at a time (a lock), and room to write a checkpoint.
 
-The lock is `MODEL_DIR/run.lock`, held by process 0 with an exclusive flock for the whole run
-and naming its holder (pid, host, start time). A second run refuses in one line; a lock file
-left by a dead run (kill -9, a crashed host) is taken over with a warning. Remote model dirs
-(gs://...) have no lock: their file systems offer no exclusive create that all writers honour.
+The lock is `MODEL_DIR/run.lock`, taken by process 0 for the whole run and naming its holder
+(pid, host, start time). A second run refuses in one line; a lock left by a dead run is taken
+over with a warning. `run_lock` picks one of two kinds:
+
+- `FileLock`, local paths: an exclusive flock, which the kernel releases when the holder dies
+  in any way (kill -9 included), so "in use" and "stale" are always told apart correctly.
+- `StoreLock`, any other path (gs://..., through etils.epath, the file API of the
+  checkpoints). Object stores offer no exclusive create through that API, so the lock is
+  written, then read back after `SETTLE_SECONDS`: of two runs that both found no lock, the
+  one whose record was overwritten refuses. This excludes a second run only if each run's
+  look-then-write takes less than SETTLE_SECONDS and the store reads its own writes (GCS
+  does). Nothing releases the lock of a run that died; a dead holder on the same host (its
+  pid is gone) is taken over, one on another host is not: the message names the file to
+  delete once that run is known to be gone.
 """
 from __future__ import annotations
 
@@ -13,17 +23,38 @@ import os
 import shutil
 import socket
 import time
+import uuid
 
 from absl import logging
+from etils import epath
 
 from moe_jax.validation import RunError, SettingError
 
 LOCK_NAME = "run.lock"
+SETTLE_SECONDS = 2.0
 _PROBE_BYTES = 1 << 20
 
 
-class RunLock:
-  """An exclusive lock on a local MODEL_DIR; `release()` (or process exit) frees it."""
+def _record(token: str = "") -> str:
+  return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                     "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": token}) + "\n"
+
+
+def _holder(text: str) -> str:
+  try:
+    info = json.loads(text or "{}")
+    return f"pid {info['pid']} on {info['host']} since {info['since']}"
+  except (ValueError, KeyError, TypeError):
+    return "unknown holder"
+
+
+def _in_use(model_dir: str, path: str, holder: str, extra: str = "") -> RunError:
+  return RunError(f"MODEL_DIR {model_dir} is in use by another run ({holder}, lock {path}); "
+                  f"wait for it to finish or use another MODEL_DIR{extra}")
+
+
+class FileLock:
+  """An exclusive flock on a local MODEL_DIR/run.lock; `release()` (or process exit) frees it."""
 
   def __init__(self, model_dir: str):
     self.path = os.path.join(model_dir, LOCK_NAME)
@@ -31,33 +62,73 @@ class RunLock:
     try:
       fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      holder = self._holder()
+      holder = self._read()
       self._file.close()
-      raise RunError(f"MODEL_DIR {model_dir} is in use by another run ({holder}, lock "
-                     f"{self.path}); wait for it to finish or use another MODEL_DIR") from None
-    stale = self._holder()
+      raise _in_use(model_dir, self.path, _holder(holder)) from None
+    stale = _holder(self._read())
     if stale != "unknown holder":
       logging.warning("taking over the lock %s left by a run that is gone (%s)", self.path,
                       stale)
     self._file.seek(0)
     self._file.truncate()
-    self._file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n")
+    self._file.write(_record())
     self._file.flush()
 
-  def _holder(self) -> str:
+  def _read(self) -> str:
     self._file.seek(0)
-    try:
-      info = json.loads(self._file.read() or "{}")
-      return f"pid {info['pid']} on {info['host']} since {info['since']}"
-    except (ValueError, KeyError):
-      return "unknown holder"
+    return self._file.read()
 
   def release(self) -> None:
     """Empties the file (a later run sees no stale holder) and unlocks it."""
     self._file.seek(0)
     self._file.truncate()
     self._file.close()
+
+
+class StoreLock:
+  """MODEL_DIR/run.lock through etils.epath, for stores without an exclusive create (see the
+  module docstring for what it guarantees); `release()` deletes it."""
+
+  def __init__(self, model_dir: str):
+    self.path = epath.Path(model_dir) / LOCK_NAME
+    self._token = uuid.uuid4().hex
+    if self.path.exists():
+      text = self.path.read_text()
+      if not self._dead_here(text):
+        raise _in_use(model_dir, str(self.path), _holder(text),
+                      f"; if that run is gone, delete {self.path}")
+      logging.warning("taking over the lock %s left by a run that is gone (%s)", self.path,
+                      _holder(text))
+    self.path.write_text(_record(self._token))
+    time.sleep(SETTLE_SECONDS)
+    text = self.path.read_text() if self.path.exists() else ""
+    if json.loads(text or "{}").get("token") != self._token:
+      self._token = ""  # not ours to delete
+      raise _in_use(model_dir, str(self.path), _holder(text))
+
+  @staticmethod
+  def _dead_here(text: str) -> bool:
+    """The record names a process on this host that no longer exists."""
+    try:
+      info = json.loads(text)
+      if info["host"] != socket.gethostname():
+        return False
+      os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+      return True
+    except (ValueError, KeyError, TypeError, PermissionError):
+      return False
+    return False
+
+  def release(self) -> None:
+    """Deletes the lock if it is still this run's."""
+    if self._token and self.path.exists() and self._token in self.path.read_text():
+      self.path.unlink(missing_ok=True)
+
+
+def run_lock(model_dir: str) -> FileLock | StoreLock:
+  """The lock of MODEL_DIR for this run (raises RunError if another run holds it)."""
+  return StoreLock(model_dir) if "://" in model_dir else FileLock(model_dir)
 
 
 def check_writable(model_dir: str, checkpoint_bytes: int) -> None:

@@ -352,19 +352,53 @@ class Partitioner:
     return jax.tree.map(put, local_batch)
 
 
+# Several processes wait here for the slowest one to compile a function (seconds to minutes
+# apart on a loaded machine) before its first run.
+COMPILE_BARRIER_TIMEOUT_S = 3600
+
+
 class MeshJitted:
-  """A jitted function that traces, lowers and runs under its mesh and logical axis rules."""
+  """A jitted function that traces, lowers and runs under its mesh and logical axis rules.
+
+  With several processes, each new input signature is compiled first and all processes meet
+  at a barrier of the distributed runtime before running it: the first collective of a
+  program sets up its communicators with a short deadline (CPU gloo: 30 s), which a process
+  still compiling would miss.
+  """
 
   def __init__(self, jitted: Any, mesh: Mesh, rules: LogicalRules):
     self.jitted, self.mesh, self.rules = jitted, mesh, rules
+    self._compiled_signatures: set[Any] = set()
 
   def __call__(self, *args, **kwargs):
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      if jax.process_count() > 1:
+        self._compile_together(args, kwargs)
       return self.jitted(*args, **kwargs)
+
+  def _compile_together(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    signature = (treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x))))
+                                for x in leaves))
+    if signature in self._compiled_signatures:
+      return
+    self.jitted.lower(*args, **kwargs).compile()  # jit's cache keeps it for the call
+    _barrier(f"moe_jax compiled {getattr(self.jitted, '__name__', 'fn')} "
+             f"#{next(_BARRIER_COUNT)}")
+    self._compiled_signatures.add(signature)
 
   def lower(self, *args, **kwargs):
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self.jitted.lower(*args, **kwargs)
+
+
+_BARRIER_COUNT = itertools.count()
+
+
+def _barrier(name: str) -> None:
+  """All processes meet here (the distributed runtime's barrier: no device collective)."""
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  distributed.global_state.client.wait_at_barrier(name, COMPILE_BARRIER_TIMEOUT_S * 1000)
 
 
 @gin.configurable

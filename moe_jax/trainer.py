@@ -44,6 +44,7 @@ from moe_jax import metrics_writer
 from moe_jax import model_dir as model_dir_lib
 from moe_jax import partitioning
 from moe_jax import validation
+from moe_jax.checkpoints import model_description
 from moe_jax.checkpoints import orbax_utils
 from moe_jax.checkpoints import policy
 
@@ -497,17 +498,16 @@ def restore_for_inference(model: Any, partitioner: partitioning.Partitioner | No
 
 
 def _check_checkpoint(setting: str, path: str, trainer: Trainer) -> tuple[str, int]:
-  """(model dir, step) of an explicit checkpoint whose params fit the trainer's model."""
+  """(model dir, step) of an explicit checkpoint that belongs to the trainer's model."""
   try:
     model_dir, step = orbax_utils.resolve_path(path)
-    stored, _ = orbax_utils.params_metadata(path)
+    model_description.check(setting, orbax_utils.step_dir(model_dir, step), trainer.model,
+                            trainer.abstract_params)
+  except validation.SettingError:
+    raise
   except (FileNotFoundError, ValueError, OSError) as e:
     raise validation.SettingError(setting, f"no readable checkpoint at {path} "
                                            f"({str(e).splitlines()[0][:200]})") from None
-  shapes = lambda tree: {"/".join(k): v.shape for k, v in  # noqa: E731
-                         flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
-  validation.checkpoint_matches(setting, orbax_utils.step_dir(model_dir, step), shapes(stored),
-                                shapes(trainer.abstract_params))
   return model_dir, step
 
 
@@ -560,8 +560,9 @@ def _restore_or_init(trainer: Trainer, it, *, model_dir: str, seed: int,
                      restore_dataset: bool) -> tuple[TrainState, str | None, bool]:
   """(state, where from, resumed): the newest good checkpoint in MODEL_DIR (resumed), else
   INITIAL_CHECKPOINT_PATH (by mode), else a fresh state."""
-  def restore(reader, step):
-    _check_checkpoint("MODEL_DIR", orbax_utils.step_dir(model_dir, step), trainer)
+  def restore(reader, step):  # a checkpoint of another model stops the run (SettingError)
+    model_description.check("MODEL_DIR", orbax_utils.step_dir(model_dir, step), trainer.model,
+                            trainer.abstract_params)
     return orbax_utils.restore(reader, step, abstract_params=trainer.abstract_params,
                                abstract_train_state=trainer.abstract_train_state(),
                                with_data=True)
@@ -642,6 +643,7 @@ class _Period:
 
   def add(self, metrics: dict[str, Array], local_batch: Mapping[str, np.ndarray]) -> None:
     self.pending.append(metrics)
+    metrics["nonfinite_streak"].copy_to_host_async()  # for previous_streak, a step later
     self.host = None
     if self.start is None:
       jax.block_until_ready(metrics)
@@ -649,6 +651,12 @@ class _Period:
     else:
       self.tokens += _local_tokens(local_batch) * jax.process_count()
       self.steps += 1
+
+  def previous_streak(self) -> int:
+    """The non-finite streak after the step before the newest one (0 when that step belongs to
+    the previous period, which was checked as a whole). The newest step is already queued, so
+    waiting for the one before never leaves the device idle."""
+    return int(self.pending[-2]["nonfinite_streak"]) if len(self.pending) > 1 else 0
 
   def fetch(self) -> list[dict[str, np.ndarray]]:
     if self.host is None:
@@ -677,7 +685,7 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
           num_data_shards: int | None = None, num_microbatches: int = 1,
           grad_clip_norm: float | None = None, random_seed: int = 0, shuffle: bool = True,
           pack: bool = True, checkpoint_period: int = 1000, keep_checkpoints: int | None = None,
-          checkpoint_params_dtype: str | None = None,
+          checkpoint_params_dtype: str | None = None, checkpoint_save_timeout_s: int = 1200,
           initial_checkpoint_path: str | None = None, initial_checkpoint_mode: str = "full",
           restore_dataset: bool = False, stats_period: int = 10, eval_period: int = 0,
           eval_steps: int | None = 20, eval_split: str = "validation",
@@ -703,20 +711,22 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
     grad_clip_norm: clip gradients to this global norm (None: off, as in T5).
     checkpoint_period, keep_checkpoints: save every N steps (and at the end), keep the last K.
     checkpoint_params_dtype: e.g. 'bfloat16' to store params smaller (restored as float32).
+    checkpoint_save_timeout_s: several processes: how long each background save waits for the
+      other processes' writes (after a write failed on one, the others stop after this long).
     initial_checkpoint_path: used when MODEL_DIR has no checkpoint: a checkpoint_<step> dir or
       a model dir (latest step) [INITIAL_CHECKPOINT_PATH].
     initial_checkpoint_mode: 'full' (params, optimizer state, step, rng; params only when the
       checkpoint has no optimizer state), 'params' (params and step, fresh optimizer), or
       'upcycle' (a dense checkpoint -> this MoE model, step 0; see Trainer.upcycle_state).
     restore_dataset: also restore the data position from initial_checkpoint_path.
-    stats_period: steps per summary (TensorBoard, metrics.jsonl, progress bar loss) and per
-      check of the non-finite guard.
+    stats_period: steps per summary (TensorBoard, metrics.jsonl, progress bar loss).
     eval_period, eval_steps, eval_split: eval every N steps (0: never) on the first
       eval_steps batches of each task of the mixture (read once, the same batches every time)
       [EVAL_PERIOD, EVAL_STEPS].
     max_nonfinite_skips: 0 stops the run at the first step with a non-finite loss or gradient
       (nothing of it is applied or saved); N > 0 skips such updates and stops after more than N
-      in a row [MAX_NONFINITE_SKIPS].
+      in a row [MAX_NONFINITE_SKIPS]. The host reads each step's verdict once the next step
+      is queued, so the run stops one step after the one that tripped the guard.
     distillation: a distill.Distillation (gin/runs/distill.gin): `model` is then the MoE
       teacher, and the run trains its dense student against the teacher's token probabilities,
       starting from the teacher's non-expert weights (unless MODEL_DIR or
@@ -737,6 +747,7 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
                                   ("MAX_NONFINITE_SKIPS", max_nonfinite_skips, 0)):
     validation.integer(setting, value, minimum=minimum)
   validation.integer("KEEP_CHECKPOINTS", keep_checkpoints, minimum=1, allow_none=True)
+  validation.integer("checkpoint_save_timeout_s", checkpoint_save_timeout_s, minimum=1)
   validation.integer("EVAL_STEPS", eval_steps, minimum=1, allow_none=jax.process_count() == 1)
   validation.number("GRAD_CLIP_NORM", grad_clip_norm, positive=True, allow_none=True)
   validation.choice("initial_checkpoint_mode", initial_checkpoint_mode,
@@ -767,8 +778,7 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
     except OSError as e:
       raise validation.SettingError("MODEL_DIR", f"cannot create {model_dir}: "
                                                  f"{e.strerror or e}") from None
-    if local:
-      lock = model_dir_lib.RunLock(model_dir)
+    lock = model_dir_lib.run_lock(model_dir)
   preemption = _Preemption()  # before the restore, so that a SIGTERM during set-up counts
   try:
     if jax.process_index() == 0 and local:
@@ -795,7 +805,8 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
                              num_shards=num_data_shards) if eval_period else None
     checkpoints = policy.CheckpointPolicy(
         model_dir, keep_checkpoints,
-        jnp.dtype(checkpoint_params_dtype) if checkpoint_params_dtype else None)
+        jnp.dtype(checkpoint_params_dtype) if checkpoint_params_dtype else None,
+        model_description.describe(model), checkpoint_save_timeout_s)
     summary = TrainSummary(
         step=step, model_dir=model_dir, checkpoint=restored_from if resumed else None,
         tensorboard_dir=model_dir, metrics_file=jsonl, preempted=False, final_metrics={},
@@ -843,6 +854,7 @@ def _loop(trainer: Trainer, state: TrainState, it, summary: TrainSummary,
   max_skips = trainer.max_nonfinite_skips
 
   def check_finite() -> None:  # before every summary and save: a checkpoint is always finite
+    # (and a step after a step that the guard stopped on, see _Period.previous_streak)
     error = _nonfinite_error(period.fetch(), period.first_step + 1, max_skips, summary.checkpoint)
     if error:
       raise error
@@ -868,12 +880,15 @@ def _loop(trainer: Trainer, state: TrainState, it, summary: TrainSummary,
                                           learning_rate_fn(step))
       step += 1
       period.add(metrics, local)
+      if period.previous_streak() > max_skips:  # the guard stopped updates a step ago
+        check_finite()
       checkpoints.poll()  # a failed background save stops the run now
       if progress:
         progress.update(1)
       last = step >= total_steps
       if step % stats_period == 0 or last:
         check_finite()
+        checkpoints.check()  # several processes: a failed save stops all of them here
         summary.final_metrics = averaged = period.summarize(step)
         summary.history.append(dict(step=step, **averaged))
         loggers["train"].write(step, averaged, split="train")

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 WORKER = os.path.abspath(__file__)
 
@@ -45,12 +45,12 @@ class Processes:
   def running(self) -> bool:
     return all(p.poll() is None for p in self.procs)
 
-  def wait(self, timeout: float) -> list[str]:
-    """Their stdouts once all exit. Raises RuntimeError with every process's stderr tail if one
-    fails or the timeout passes (the others are then stopped)."""
+  def _collect(self, timeout: float, stop_on_failure: bool) -> list[tuple[str, str]]:
+    """Waits until all exit, or one fails (stop_on_failure) or the timeout passes, killing the
+    rest then; returns each one's (stdout, stderr)."""
     deadline = time.monotonic() + timeout
     while any(p.poll() is None for p in self.procs):
-      failed = (any(p.poll() not in (None, 0) for p in self.procs)
+      failed = ((stop_on_failure and any(p.poll() not in (None, 0) for p in self.procs))
                 or time.monotonic() > deadline)
       if failed:  # alone, the others would wait for their peers until the coordinator gives up
         for p in self.procs:
@@ -58,7 +58,6 @@ class Processes:
             p.kill()
             p.wait()
       time.sleep(0.2)
-    failed = any(p.returncode != 0 for p in self.procs)
     texts = []
     for out, err in self._logs:
       out.seek(0)
@@ -66,6 +65,19 @@ class Processes:
       texts.append((out.read(), err.read()))
       out.close()
       err.close()
+    return texts
+
+  def finish(self, timeout: float) -> list[tuple[int, str, str]]:
+    """(return code, stdout, stderr) of each once all exit by themselves (those still running
+    after `timeout` seconds are killed)."""
+    texts = self._collect(timeout, stop_on_failure=False)
+    return [(p.returncode, out, err) for p, (out, err) in zip(self.procs, texts)]
+
+  def wait(self, timeout: float) -> list[str]:
+    """Their stdouts once all exit. Raises RuntimeError with every process's stderr tail if one
+    fails or the timeout passes (the others are then stopped)."""
+    texts = self._collect(timeout, stop_on_failure=True)
+    failed = any(p.returncode != 0 for p in self.procs)
     if failed:
       report = "\n".join(f"--- process {i} rc={p.returncode}\n{err[-3000:]}"
                          for i, (p, (_, err)) in enumerate(zip(self.procs, texts)))
@@ -74,8 +86,10 @@ class Processes:
 
 
 def start(command: Sequence[str], *, num_processes: int = 2, devices_per_process: int = 4,
-          env: dict[str, str] | None = None, cwd: str | None = None) -> Processes:
-  """Start `command` as `num_processes` cooperating JAX processes."""
+          env: dict[str, str] | None = None, cwd: str | None = None,
+          preexec_fn: Callable[[], None] | None = None) -> Processes:
+  """Start `command` as `num_processes` cooperating JAX processes (each runs preexec_fn first,
+  as in subprocess.Popen)."""
   port = free_port()
   procs, logs = [], []
   for i in range(num_processes):
@@ -92,7 +106,7 @@ def start(command: Sequence[str], *, num_processes: int = 2, devices_per_process
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     logs.append((out, err))
     procs.append(subprocess.Popen(list(command), env=child, cwd=cwd, text=True,
-                                  stdout=out, stderr=err))
+                                  stdout=out, stderr=err, preexec_fn=preexec_fn))
   return Processes(command, procs, logs)
 
 

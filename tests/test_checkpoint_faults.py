@@ -146,6 +146,65 @@ def test_second_run_refused_then_kill_9_resumes_with_stale_lock_taken_over(tmp_p
   assert _steps(model_dir) == list(range(1, restored + 3))
 
 
+# A process that takes MODEL_DIR's StoreLock (argv[1]), says so, and holds it.
+_HOLD_STORE_LOCK = """
+import sys, time
+from moe_jax import model_dir, validation
+model_dir.SETTLE_SECONDS = 5.0  # the guarantee's margin, generous on a loaded test machine
+try:
+  lock = model_dir.StoreLock(sys.argv[1])
+except validation.RunError as e:
+  print("refused:", e, flush=True)
+  sys.exit(1)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def _hold_store_lock(model_dir):
+  return subprocess.Popen([sys.executable, "-c", _HOLD_STORE_LOCK, str(model_dir)], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_store_lock_through_epath_excludes_a_second_run_and_takes_over_a_dead_one(tmp_path):
+  """The lock for stores without an exclusive create (gs://), on a local path through the same
+  etils.epath calls: of two runs starting together exactly one gets it; a later one is
+  refused naming the holder; the lock of a killed holder on this host is taken over."""
+  racers = [_hold_store_lock(tmp_path) for _ in range(2)]
+  try:
+    firsts = [p.stdout.readline() for p in racers]
+    assert sorted(line.split(":")[0].strip() for line in firsts) == ["locked", "refused"], firsts
+    holder = racers[[line.strip() for line in firsts].index("locked")]
+    late = _hold_store_lock(tmp_path)
+    out, _ = late.communicate(timeout=120)
+    assert late.returncode == 1
+    assert re.search(rf"MODEL_DIR {tmp_path} is in use by another run \(pid {holder.pid} on .*; "
+                     rf"if that run is gone, delete {tmp_path}/run.lock", out), out
+    holder.kill()
+    holder.wait(timeout=60)
+  finally:
+    for p in racers:
+      if p.poll() is None:
+        p.kill()
+  taker = _hold_store_lock(tmp_path)
+  try:
+    assert taker.stdout.readline() == "locked\n"
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == taker.pid
+  finally:
+    taker.kill()
+    _, err = taker.communicate(timeout=60)
+  assert f"taking over the lock {tmp_path}/run.lock left by a run that is gone (pid " \
+         f"{holder.pid} on " in err
+
+
+def test_store_lock_release_deletes_only_its_own_lock(tmp_path):
+  from moe_jax import model_dir as model_dir_lib  # pylint: disable=import-outside-toplevel
+  lock = model_dir_lib.StoreLock(str(tmp_path))
+  assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+  lock.release()
+  assert not (tmp_path / "run.lock").exists()
+
+
 # ---- full disk --------------------------------------------------------------------------------
 
 
@@ -226,6 +285,28 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, c
   # Nothing of the bad step (or later) was saved; the newest checkpoint is the last finite step.
   assert orbax_utils.latest_steps(str(model_dir)) == [last_good] == [bad - 1]
   assert _finite_params(f"{model_dir}/checkpoint_{last_good}")
+
+
+def test_divergence_stops_at_once_with_long_stats_and_checkpoint_periods(tmp_path, capsys):
+  """STATS_PERIOD and CHECKPOINT_PERIOD 500: the run still stops one step after the first
+  non-finite step (the progress bar's last count), not at step 500."""
+  model_dir = tmp_path / "run"
+  train.run(trainer.train, _flags(model_dir, "--gin.TRAIN_STEPS=2",
+                                  "--gin.OPTIMIZER=@trainer.adamw"), "moe_jax.train")
+  code, err = _main_exit(_flags(model_dir, "--gin.TRAIN_STEPS=500", "--gin.STATS_PERIOD=500",
+                                "--gin.CHECKPOINT_PERIOD=500", *DIVERGE), capsys)
+  assert code == 1
+  lines = _error_lines(err)
+  assert len(lines) == 1 and "Traceback" not in err
+  match = re.search(r"non-finite loss, gradient or update at step (\d+) .*MoE layers at that "
+                    r"step: decoder/layers_1/mlp: fraction_dropped .*last good checkpoint: "
+                    rf"{model_dir}/checkpoint_2$", lines[0])
+  assert match, lines[0]
+  bad = int(match.group(1))
+  steps_run = int(re.findall(r"(\d+)/500", err)[-1])
+  assert 2 < bad <= steps_run <= bad + 1, (bad, steps_run)
+  assert orbax_utils.latest_steps(str(model_dir)) == [2]
+  assert _finite_params(f"{model_dir}/checkpoint_2")
 
 
 def test_skipping_nonfinite_updates_counts_them_and_stops_after_n_in_a_row(tmp_path, capsys):

@@ -4,6 +4,7 @@
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -130,3 +131,34 @@ def test_python_api_raises_the_same_text(monkeypatch):
                   stats_period=0)
   # gin appends "In call to configurable 'train'" on a line of its own.
   assert str(error.value).splitlines()[0] == "STATS_PERIOD: must be an integer >= 1, got 0"
+
+
+def test_resuming_with_another_model_stops_and_keeps_the_checkpoint(ckpt, tmp_path, capsys):
+  """A MODEL_DIR whose checkpoint is of another model (gshard_tiny on switch_tiny's): one line,
+  status 2, and the checkpoint is left as it was (not taken for a corrupt one)."""
+  shutil.copytree(os.path.dirname(ckpt), tmp_path / "run")
+  with pytest.raises(SystemExit) as exit_info:
+    train.main(argv("train", ["--gin_file=gin/models/gshard_tiny.gin"], tmp_path, ckpt))
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+      f"moe_jax.train: error: MODEL_DIR: {tmp_path}/run/checkpoint_0 was saved by a different "
+      "model: decoder.moe.router_top_k 1 vs 2")
+  assert sorted(p for p in os.listdir(tmp_path / "run") if p.startswith("checkpoint")) == [
+      "checkpoint_0"]
+
+
+def test_a_checkpoint_without_description_loads_with_a_note_and_its_shapes_checked(
+    ckpt, tmp_path, capsys, caplog):
+  """Checkpoints written before the description existed (or converted from HF) lack it."""
+  old = tmp_path / "old" / "checkpoint_0"
+  shutil.copytree(ckpt, old)
+  shutil.rmtree(old / "model")
+  eval_lib.main(argv("eval", ["--gin_file=gin/models/gshard_tiny.gin"], tmp_path, str(old)))
+  assert "Evaluated step 0:" in capsys.readouterr().out
+  assert any(f"{old} has no model description" in r.getMessage() for r in caplog.records)
+  with pytest.raises(SystemExit) as exit_info:
+    eval_lib.main(argv("eval", ["--gin.NUM_EXPERTS=16"], tmp_path, str(old)))
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      f"moe_jax.eval: error: CHECKPOINT_PATH: {old} holds decoder/layers_1/mlp/router/w of "
+      "shape (128, 8), the model expects (128, 16) (expert count 8 vs NUM_EXPERTS=16)")

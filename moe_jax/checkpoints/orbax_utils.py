@@ -1,9 +1,11 @@
 """orbax checkpoints for moe_jax train states, plus sparse upcycling of dense checkpoints.
 
-Layout (t5x-like): MODEL_DIR/checkpoint_<step>/ holds three orbax items:
+Layout (t5x-like): MODEL_DIR/checkpoint_<step>/ holds these orbax items:
   params        the model parameters (optionally saved in a smaller dtype)
   train_state   {'step', 'rng', 'opt_state'}
   data          the input pipeline position (JSON, from data.DatasetIterator.get_state())
+  model         the model's structure (JSON, checkpoints/model_description.py); optional:
+                older and converted checkpoints lack it
 Eval, infer and sparse upcycling read `params` alone. orbax writes each step into a temporary
 directory and renames it when every item is done, so a killed run never leaves a partial
 checkpoint behind. Paths may be local or remote (gs://...; etils.epath, as orbax).
@@ -22,7 +24,9 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 STEP_PREFIX = "checkpoint"
-ITEMS = ("params", "train_state", "data")
+ITEMS = ("params", "train_state", "data")  # every complete checkpoint has these
+MODEL_ITEM = "model"
+_ALL_ITEMS = ITEMS + (MODEL_ITEM,)
 
 
 def absolute(path: str) -> str:
@@ -34,16 +38,20 @@ def step_dir(model_dir: str, step: int) -> str:
   return str(epath.Path(model_dir) / f"{STEP_PREFIX}_{step}")
 
 
-def make_manager(directory: str, *, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+def make_manager(directory: str, *, max_to_keep: int | None = None,
+                 save_timeout_s: int = 1200) -> ocp.CheckpointManager:
   """An asynchronous CheckpointManager over MODEL_DIR with the checkpoint_<step> naming.
 
   Saving cadence is the trainer's business (it calls `save` with force=True), so the manager
-  itself saves whenever asked.
+  itself saves whenever asked. save_timeout_s: how long a background save waits for the other
+  processes' writes (orbax's default, 20 min); after a write failed on one process, the others
+  wait this long before they give up.
   """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, step_prefix=STEP_PREFIX, create=True,
-      enable_async_checkpointing=True, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(absolute(directory), options=options, item_names=ITEMS)
+      enable_async_checkpointing=True, cleanup_tmp_directories=True,
+      async_options=ocp.AsyncOptions(timeout_secs=save_timeout_s))
+  return ocp.CheckpointManager(absolute(directory), options=options, item_names=_ALL_ITEMS)
 
 
 def _cast_floats(tree: Any, dtype: Any) -> Any:
@@ -54,11 +62,14 @@ def _cast_floats(tree: Any, dtype: Any) -> Any:
 
 
 def save(manager: ocp.CheckpointManager, step: int, *, params: Any, train_state: Any,
-         data_state: Mapping[str, Any] | None, params_dtype: Any = None) -> None:
+         data_state: Mapping[str, Any] | None, params_dtype: Any = None,
+         model_description: Mapping[str, Any] | None = None) -> None:
   """Starts an (asynchronous) save of one step; `params_dtype` e.g. jnp.bfloat16 halves it."""
   items = dict(params=ocp.args.StandardSave(_cast_floats(params, params_dtype)),
                train_state=ocp.args.StandardSave(train_state),
                data=ocp.args.JsonSave(dict(data_state or {})))
+  if model_description is not None:
+    items[MODEL_ITEM] = ocp.args.JsonSave(dict(model_description))
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
@@ -114,7 +125,7 @@ def read_only_manager(model_dir: str) -> ocp.CheckpointManager:
   """A manager that restores from another run's MODEL_DIR and never writes there."""
   options = ocp.CheckpointManagerOptions(step_prefix=STEP_PREFIX, read_only=True, create=False,
                                          save_interval_steps=0)
-  return ocp.CheckpointManager(model_dir, options=options, item_names=ITEMS)
+  return ocp.CheckpointManager(model_dir, options=options, item_names=_ALL_ITEMS)
 
 
 def restore_params_from_path(path: str, abstract_params: Any) -> tuple[Any, int]:

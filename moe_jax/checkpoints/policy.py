@@ -5,7 +5,8 @@
   again) with a one-line warning.
 - Saves are asynchronous (orbax); `poll()` after every step notices a finished save at once:
   a failure (disk full, permissions) stops the run with one line naming the directory and the
-  cause, and its temporary directory is removed.
+  cause, and its temporary directory is removed. Several processes stop together, at the next
+  stats period or save (see CheckpointPolicy.check).
 - Rotation (KEEP_CHECKPOINTS) happens here, only after the newest save is confirmed complete,
   so it never deletes the newest good checkpoint (orbax's own max_to_keep also deletes after a
   failed save). The trainer saves only finite states (see trainer.Trainer's non-finite guard).
@@ -20,11 +21,12 @@ import time
 from typing import Any, Iterator
 
 import jax
+import numpy as np
 from absl import logging as absl_logging
 from etils import epath
 
 from moe_jax.checkpoints import orbax_utils
-from moe_jax.validation import RunError
+from moe_jax.validation import RunError, SettingError
 
 CORRUPT_SUFFIX = ".corrupt"
 
@@ -132,7 +134,8 @@ def restore_newest(model_dir: str, restore_step: Any) -> tuple[Any, int] | None:
   """(restore_step(reader, step), step) for the newest step that restores, or None.
 
   Steps that are incomplete or fail to restore are renamed `checkpoint_<step>.corrupt` by
-  process 0 with a one-line warning each.
+  process 0 with a one-line warning each. A SettingError of restore_step (the checkpoint is
+  readable but belongs to another model) is raised as it is: nothing is renamed.
   """
   found = None
   with _orbax_quiet():
@@ -146,6 +149,8 @@ def restore_newest(model_dir: str, restore_step: Any) -> tuple[Any, int] | None:
         finally:
           reader.close()
         break
+      except SettingError:
+        raise
       except Exception as e:  # noqa: BLE001  any unreadable checkpoint is skipped
         path = orbax_utils.step_dir(model_dir, step)
         absl_logging.warning("skipping checkpoint %s: unreadable (%s); renamed to %s%s",
@@ -162,37 +167,67 @@ class CheckpointPolicy:
   """Saves of one run into MODEL_DIR: asynchronous, checked as soon as they finish, rotated.
 
   keep: how many complete checkpoints to keep (None: all).
+  model_description: saved with every checkpoint (see model_description.describe).
+  save_timeout_s: see orbax_utils.make_manager.
+
+  Process 0 confirms each save. With one process a failed save raises RunError at the next
+  `poll` (the step after it finished). With several, every process must stop together (a
+  process that stops alone leaves its peers waiting in the next collective), so the failure
+  is shared by `check`, a one-integer all-gather that the loop calls where all processes are
+  anyway (each stats period, before each save, at the end). The other processes' background
+  saves wait for process 0's write at an orbax barrier, up to save_timeout_s, before they
+  reach it.
   """
 
-  def __init__(self, model_dir: str, keep: int | None, params_dtype: Any = None):
+  def __init__(self, model_dir: str, keep: int | None, params_dtype: Any = None,
+               model_description: dict[str, Any] | None = None, save_timeout_s: int = 1200):
     self.model_dir, self.keep, self.params_dtype = model_dir, keep, params_dtype
-    self.manager = orbax_utils.make_manager(model_dir, max_to_keep=None)
+    self.model_description = model_description
+    self.manager = orbax_utils.make_manager(model_dir, max_to_keep=None,
+                                            save_timeout_s=save_timeout_s)
     self._errors = _OrbaxErrors()
     self._errors.install()
     _ignore_closed_loop_callbacks()
     self._pending: int | None = None
-    self._failed = False
+    self._failed: tuple[int, RunError] | None = None  # (step, error) of a failed save
 
   def save(self, step: int, *, params: Any, train_state: Any, data_state: Any) -> str:
     """Starts writing checkpoint_<step> (after the previous save is confirmed)."""
     self.wait()
+    self.check()
     self._errors.reset()
     orbax_utils.save(self.manager, step, params=params, train_state=train_state,
-                     data_state=data_state, params_dtype=self.params_dtype)
+                     data_state=data_state, params_dtype=self.params_dtype,
+                     model_description=self.model_description)
     self._pending = step
     return orbax_utils.step_dir(self.model_dir, step)
 
   def poll(self) -> None:
-    """Non-blocking: raises RunError if the last save finished and failed; rotates if not."""
+    """Non-blocking: confirms the last save if it finished (rotating, or, with one process,
+    raising RunError if it failed)."""
     if self._pending is not None and not self.manager.is_saving_in_progress():
       self._confirm()
+      if jax.process_count() == 1:
+        self.check()
 
   def wait(self) -> None:
-    """Blocks until the last save finished; raises RunError if it failed."""
+    """Blocks until the last save finished and confirms it (see `check` for its failure)."""
     if self._pending is not None:
       with contextlib.suppress(Exception):  # its error is what _confirm reports
         self.manager.wait_until_finished()
       self._confirm()
+
+  def check(self) -> None:
+    """Raises RunError, on every process, if a save failed. Several processes: a collective,
+    so every process must call it at the same point."""
+    step = self._failed[0] if self._failed else -1
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      step = int(np.max(multihost_utils.process_allgather(np.int32(step))))
+    if step >= 0:
+      raise self._failed[1] if self._failed else RunError(
+          f"checkpoint save failed: {orbax_utils.step_dir(self.model_dir, step)}: on process 0 "
+          "(its log names the cause)")
 
   def _confirm(self) -> None:
     step, self._pending = self._pending, None
@@ -202,17 +237,21 @@ class CheckpointPolicy:
       self._close_manager()
       _join_orbax_threads()  # its remaining writers would re-create what the clean-up removes
       remove_temporaries(self.model_dir)
-      self._failed = True  # stragglers of those threads may still log: the filter stays
-      raise RunError(f"checkpoint save failed: {orbax_utils.step_dir(self.model_dir, step)}: "
-                     f"{_cause(self._errors.first)}")
+      # Stragglers of those threads may still log: the filter stays installed.
+      self._failed = step, RunError(f"checkpoint save failed: "
+                                    f"{orbax_utils.step_dir(self.model_dir, step)}: "
+                                    f"{_cause(self._errors.first)}")
+      return
     if self.keep is not None:
       for old in orbax_utils.latest_steps(self.model_dir)[:-self.keep]:
         epath.Path(orbax_utils.step_dir(self.model_dir, old)).rmtree(missing_ok=True)
 
   def close(self) -> None:
-    """Waits for the last save (raising RunError if it failed) and releases the manager."""
+    """Waits for the last save (raising RunError, see `check`, if one failed) and releases
+    the manager."""
     try:
       self.wait()
+      self.check()
     finally:
       self._close_manager()
       if self._failed:  # again: writer threads of the failed save may have added files since
