@@ -219,6 +219,22 @@ def dispatch_and_combine(decision: RouterOutput, num_experts: int, capacity: int
   return dispatch.astype(dtype), combine
 
 
+def take_rows(a: Array, index: Array, inverse: Array) -> Array:
+  """a [n,m] -> [len(index),m], row i = a[index[i]], 0 where index[i] is out of range. `inverse`
+  [n] is index's inverse (inverse[index[i]] = i; out of range for rows nobody takes), so that
+  the gradient is a gather too rather than a scatter-add (slow on XLA:CPU)."""
+  return _take_rows(a, index, inverse)
+
+
+@jax.custom_vjp
+def _take_rows(a, index, inverse):
+  return a.at[index].get(mode="fill", fill_value=0)
+
+
+_take_rows.defvjp(lambda a, index, inverse: (_take_rows(a, index, inverse), (index, inverse)),
+                  lambda res, ct: (_take_rows(ct, res[1], res[0]), None, None))
+
+
 def einsum_dispatch(x: Array, decision: RouterOutput, experts: Experts, capacity: int) -> Array:
   num_experts = experts.wo.shape[0]
   dispatch, combine = dispatch_and_combine(decision, num_experts, capacity, x.dtype)
@@ -239,11 +255,12 @@ def indices_dispatch(x: Array, decision: RouterOutput, experts: Experts, capacit
   # so the scatter drops them and the gather reads 0.
   row = (decision.expert_index * g + jnp.arange(g)[:, None, None]) * capacity + decision.slot
   row = jnp.where(decision.kept, row, size).reshape(-1)  # [g·s·k]
+  assignment = jnp.full(size, g * s * k).at[row].set(jnp.arange(g * s * k), mode="drop")
   tokens = jnp.broadcast_to(x[:, :, None], (g, s, k, m)).reshape(-1, m)
-  buf = jnp.zeros((size, m), x.dtype).at[row].set(tokens, mode="drop", unique_indices=True)
+  buf = take_rows(tokens, assignment, row)  # empty slots: 0
   expert_in = nn.with_logical_constraint(buf.reshape(num_experts, g, capacity, m), EXPERT_AXES)
   expert_out = experts.dense(expert_in).reshape(size, m)
-  out = expert_out.at[row].get(mode="fill", fill_value=0).reshape(g, s, k, m)
+  out = take_rows(expert_out, row, assignment).reshape(g, s, k, m)
   y = jnp.einsum("gskm,gsk->gsm", out, decision.gate.astype(x.dtype))
   return nn.with_logical_constraint(y, GROUP_AXES)
 
@@ -277,10 +294,10 @@ def _grouped_ffn(x: Array, expert_index: Array, kept: Array, gate: Array,
   first = jnp.append(jnp.cumsum(padded) - padded, size)  # first row of each expert; e: past the end
   rank = jnp.arange(n) - jnp.append(jnp.cumsum(counts) - counts, 0)[sorted_expert]
   row = jnp.zeros(n, jnp.int32).at[order].set(first[sorted_expert] + rank)  # [n] buffer row
-  token = jnp.full(size, g * s, jnp.int32).at[row].set(jnp.arange(n) // k, mode="drop")
-  rows = x.reshape(g * s, m).at[token].get(mode="fill", fill_value=0)  # padding rows: 0
-  out = experts.grouped(rows, padded.astype(jnp.int32))
-  y = out.at[row].get(mode="fill", fill_value=0).reshape(g, s, k, m)  # not kept: 0
+  assignment = jnp.full(size, n, jnp.int32).at[row].set(jnp.arange(n), mode="drop")  # [size]
+  tokens = jnp.broadcast_to(x[:, :, None], (g, s, k, m)).reshape(n, m)
+  out = experts.grouped(take_rows(tokens, assignment, row), padded.astype(jnp.int32))
+  y = take_rows(out, row, assignment).reshape(g, s, k, m)  # not kept: 0
   return jnp.einsum("gskm,gsk->gsm", y, gate.astype(x.dtype))
 
 
