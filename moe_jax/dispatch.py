@@ -17,7 +17,6 @@ no expert kept gets exactly 0 (it continues through the residual).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Callable, Sequence
 
@@ -219,20 +218,16 @@ def dispatch_and_combine(decision: RouterOutput, num_experts: int, capacity: int
   return dispatch.astype(dtype), combine
 
 
+@jax.custom_vjp
 def take_rows(a: Array, index: Array, inverse: Array) -> Array:
   """a [n,m] -> [len(index),m], row i = a[index[i]], 0 where index[i] is out of range. `inverse`
   [n] is index's inverse (inverse[index[i]] = i; out of range for rows nobody takes), so that
   the gradient is a gather too rather than a scatter-add (slow on XLA:CPU)."""
-  return _take_rows(a, index, inverse)
-
-
-@jax.custom_vjp
-def _take_rows(a, index, inverse):
   return a.at[index].get(mode="fill", fill_value=0)
 
 
-_take_rows.defvjp(lambda a, index, inverse: (_take_rows(a, index, inverse), (index, inverse)),
-                  lambda res, ct: (_take_rows(ct, res[1], res[0]), None, None))
+take_rows.defvjp(lambda a, index, inverse: (take_rows(a, index, inverse), (index, inverse)),
+                 lambda res, ct: (take_rows(ct, res[1], res[0]), None, None))
 
 
 def einsum_dispatch(x: Array, decision: RouterOutput, experts: Experts, capacity: int) -> Array:
