@@ -5,9 +5,11 @@
   change of layout (g-sharded <-> e-sharded) is one all-to-all.
 - `indices`: the same capacity and dropping, but tokens are scattered into the [e, g·c, m]
   expert buffers by (expert, slot) index and gathered back: no O(S·E·C) mask.
-- `dropless`: tokens sorted by expert and run with grouped matmuls (jax.lax.ragged_dot), no
-  capacity and no dropping (MegaBlocks / MaxText style). Under a mesh it runs per device with
-  shard_map, experts sharded over 'expert' and their hidden units over 'model'.
+- `dropless`: no capacity and no dropping (MegaBlocks / megablox style): assignments sorted by
+  expert, each expert's rows padded to a multiple of ROW_UNIT, and a grouped matmul per expert
+  weight (`grouped_matmul`: row blocks on CPU, megablox's Pallas kernel on TPU, ragged_dot
+  elsewhere). Under a mesh it runs per device with shard_map, experts sharded over 'expert' and
+  their hidden units over 'model'.
 
 Every strategy takes tokens x [g,s,m] and returns the combined expert outputs [g,s,m]; a token
 no expert kept gets exactly 0 (it continues through the residual).
@@ -66,17 +68,141 @@ class Experts:
       h = h * act(nn.with_logical_constraint(jnp.einsum("egcm,emh->egch", x, w), HIDDEN_AXES))
     return jnp.einsum("egch,ehm->egcm", self.dropout(h), self.wo)
 
-  def ragged(self, x: Array, group_sizes: Array) -> Array:
-    """Rows x [n,m] sorted by expert, group_sizes [e] rows per expert -> [n,m]; rows past
+  def grouped(self, x: Array, group_sizes: Array) -> Array:
+    """Rows x [n,m] grouped by expert, group_sizes [e] rows per expert -> [n,m]; rows past
     sum(group_sizes) come out 0."""
     h = 1.0
     for w, act in zip(self.wi, self.activations):
-      h = h * act(jax.lax.ragged_dot(x, w, group_sizes))
+      h = h * act(grouped_matmul(x, w, group_sizes))
     row_expert = None
     if self.dropout_broadcast_tokens:  # rows past the last expert's clamp to it; they come out 0
       row_expert = jnp.repeat(jnp.arange(group_sizes.shape[0]), group_sizes,
                               total_repeat_length=x.shape[0])
-    return jax.lax.ragged_dot(self.dropout(h, row_expert), self.wo, group_sizes)
+    return grouped_matmul(self.dropout(h, row_expert), self.wo, group_sizes)
+
+
+# Grouped matmul: rows x [n,k] in consecutive groups, group i of group_sizes[i] rows times w[i]
+# [k,o]. XLA:CPU lowers ragged_dot to one masked dense matmul per group (E x the FLOPs), so on
+# CPU it runs as loops over row blocks of each group (sizes a multiple of ROW_UNIT): every
+# group's rows split into blocks of BLOCK_ROWS and a binary remainder (BLOCK_ROWS/2, ...,
+# ROW_UNIT), each a plain 2-D GEMM against its group's weight, skipping rows nobody uses.
+ROW_UNIT = 16
+BLOCK_ROWS = 512
+GROUPED_IMPLS = ("blocks", "megablox", "megablox_interpret", "ragged_dot")
+
+
+def grouped_matmul(x: Array, w: Array, group_sizes: Array, impl: str | None = None) -> Array:
+  """x [n,k], w [e,k,o], group_sizes [e] int (sum <= n) -> [n,o]; rows past the groups are 0.
+
+  impl: 'blocks' (pure JAX, CPU default; group sizes must be multiples of ROW_UNIT),
+  'megablox' (Pallas TPU kernel, TPU default), 'megablox_interpret' (the same kernel in Pallas
+  interpret mode, for CPU tests), 'ragged_dot' (jax.lax.ragged_dot; the default elsewhere).
+  """
+  impl = impl or {"cpu": "blocks", "tpu": "megablox"}.get(jax.default_backend(), "ragged_dot")
+  group_sizes = group_sizes.astype(jnp.int32)
+  # Inside shard_map: both operands vary over the same axes, so each cotangent has its
+  # operand's type (the cast's transpose sums the weight's gradient over the token shards).
+  x, w = _varying_like(x, w, group_sizes), _varying_like(w, x, group_sizes)
+  if impl == "blocks":
+    return _blocked_gmm(x, w, group_sizes)
+  if impl in ("megablox", "megablox_interpret"):
+    from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+    tiling = tuple(next((t for t in (128, 64, 32, 16, 8) if d % t == 0), d)
+                   for d in (x.shape[0], *w.shape[1:]))  # tiles must divide the dims
+    total = jnp.sum(group_sizes)  # the kernel leaves rows past the groups unwritten, both ways
+    y = megablox.gmm(_zero_rows_past(x, total), w, group_sizes, x.dtype, tiling, None, None,
+                     False, impl == "megablox_interpret")
+    return _zero_rows_past(y, total)
+  if impl == "ragged_dot":
+    return jax.lax.ragged_dot(x, w, group_sizes)
+  raise ValueError(f"grouped matmul impl={impl!r} is not one of {GROUPED_IMPLS}")
+
+
+@jax.custom_vjp
+def _zero_rows_past(a: Array, total: Array) -> Array:
+  """a [n,d] with rows >= total set to 0, and so is its cotangent."""
+  return jnp.where((jnp.arange(a.shape[0]) < total)[:, None], a, 0)
+
+
+_zero_rows_past.defvjp(lambda a, total: (_zero_rows_past(a, total), total),
+                       lambda total, da: (_zero_rows_past(da, total), None))
+
+
+def _row_blocks(group_sizes: Array, num_rows: int) -> list[tuple[int, Array, Array, Array]]:
+  """Every group's rows as blocks: per block size p (largest first), the first row [bound] and
+  group [bound] of each block, and how many of the bound are used."""
+  starts = jnp.cumsum(group_sizes) - group_sizes
+  top = group_sizes // BLOCK_ROWS
+  blocks = []
+  if num_rows >= BLOCK_ROWS:
+    ends = jnp.cumsum(top)
+    b = jnp.arange(num_rows // BLOCK_ROWS)
+    group = jnp.minimum(jnp.searchsorted(ends, b, side="right"), group_sizes.shape[0] - 1)
+    blocks.append((BLOCK_ROWS, starts[group] + (b - ends[group] + top[group]) * BLOCK_ROWS,
+                   group, ends[-1]))
+  rest = group_sizes % BLOCK_ROWS
+  p = BLOCK_ROWS // 2
+  while p >= ROW_UNIT:  # the remainder's binary digits, larger blocks first
+    if p <= num_rows:
+      has = (rest & p) > 0
+      group = jnp.argsort(~has, stable=True)  # groups with a block of p rows first
+      start = starts + top * BLOCK_ROWS + rest // (2 * p) * (2 * p)
+      blocks.append((p, start[group], group, jnp.sum(has)))
+    p //= 2
+  return blocks
+
+
+def _varying_like(a: Array, *refs: Array) -> Array:
+  """a typed as varying over the manual mesh axes any of refs varies over (inside shard_map a
+  loop's zero-initialized carry must match what its body makes of varying inputs)."""
+  axes = set().union(*(jax.typeof(r).mat.varying for r in refs)) - jax.typeof(a).mat.varying
+  return jax.lax.pcast(a, tuple(sorted(axes)), to="varying") if axes else a
+
+
+def _blocks_matmul(x: Array, w: Array, group_sizes: Array, contract: int) -> Array:
+  """x [n,k] @ w[group] per row block, w contracted on axis `contract` (1: w [e,k,o], 2: w
+  [e,o,k], the transpose) -> [n,o]."""
+  out = _varying_like(jnp.zeros((x.shape[0], w.shape[3 - contract]), x.dtype), x, w, group_sizes)
+  for p, start, group, count in _row_blocks(group_sizes, x.shape[0]):
+    def body(i, out, p=p, start=start, group=group):
+      rows = jax.lax.dynamic_slice_in_dim(x, start[i], p)
+      y = jax.lax.dot_general(rows, w[group[i]], (((1,), (contract - 1,)), ((), ())))
+      return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), start[i], 0)
+    out = jax.lax.fori_loop(0, count, body, out)
+  return out
+
+
+def _blocks_weight_grad(x: Array, dy: Array, group_sizes: Array, num_groups: int) -> Array:
+  """sum over each group's rows of x^T dy: x [n,k], dy [n,o] -> [e,k,o]."""
+  dw = _varying_like(jnp.zeros((num_groups, x.shape[1], dy.shape[1]), jnp.float32),
+                     x, dy, group_sizes)
+  for p, start, group, count in _row_blocks(group_sizes, x.shape[0]):
+    def body(i, dw, p=p, start=start, group=group):
+      rows, grads = (jax.lax.dynamic_slice_in_dim(a, start[i], p) for a in (x, dy))
+      part = jax.lax.dot_general(rows, grads, (((0,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+      return jax.lax.dynamic_update_index_in_dim(dw, dw[group[i]] + part, group[i], 0)
+    dw = jax.lax.fori_loop(0, count, body, dw)
+  return dw
+
+
+@jax.custom_vjp
+def _blocked_gmm(x: Array, w: Array, group_sizes: Array) -> Array:
+  return _blocks_matmul(x, w, group_sizes, contract=1)
+
+
+def _blocked_gmm_fwd(x, w, group_sizes):
+  return _blocks_matmul(x, w, group_sizes, contract=1), (x, w, group_sizes)
+
+
+def _blocked_gmm_bwd(res, dy):
+  x, w, group_sizes = res
+  dx = _blocks_matmul(dy, w, group_sizes, contract=2)
+  dw = _blocks_weight_grad(x, dy, group_sizes, w.shape[0]).astype(w.dtype)
+  return dx, dw, None
+
+
+_blocked_gmm.defvjp(_blocked_gmm_fwd, _blocked_gmm_bwd)
 
 
 def dispatch_and_combine(decision: RouterOutput, num_experts: int, capacity: int,
@@ -90,6 +216,18 @@ def dispatch_and_combine(decision: RouterOutput, num_experts: int, capacity: int
   dispatch = jnp.einsum("gske,gskc->gsec", expert, slot)
   combine = jnp.einsum("gsk,gske,gskc->gsec", decision.gate, expert, slot)
   return dispatch.astype(dtype), combine
+
+
+@jax.custom_vjp
+def take_rows(a: Array, index: Array, inverse: Array) -> Array:
+  """a [n,m] -> [len(index),m], row i = a[index[i]], 0 where index[i] is out of range. `inverse`
+  [n] is index's inverse (inverse[index[i]] = i; out of range for rows nobody takes), so that
+  the gradient is a gather too rather than a scatter-add (slow on XLA:CPU)."""
+  return a.at[index].get(mode="fill", fill_value=0)
+
+
+take_rows.defvjp(lambda a, index, inverse: (take_rows(a, index, inverse), (index, inverse)),
+                 lambda res, ct: (take_rows(ct, res[1], res[0]), None, None))
 
 
 def einsum_dispatch(x: Array, decision: RouterOutput, experts: Experts, capacity: int) -> Array:
@@ -112,11 +250,12 @@ def indices_dispatch(x: Array, decision: RouterOutput, experts: Experts, capacit
   # so the scatter drops them and the gather reads 0.
   row = (decision.expert_index * g + jnp.arange(g)[:, None, None]) * capacity + decision.slot
   row = jnp.where(decision.kept, row, size).reshape(-1)  # [g·s·k]
+  assignment = jnp.full(size, g * s * k).at[row].set(jnp.arange(g * s * k), mode="drop")
   tokens = jnp.broadcast_to(x[:, :, None], (g, s, k, m)).reshape(-1, m)
-  buf = jnp.zeros((size, m), x.dtype).at[row].set(tokens, mode="drop", unique_indices=True)
+  buf = take_rows(tokens, assignment, row)  # empty slots: 0
   expert_in = nn.with_logical_constraint(buf.reshape(num_experts, g, capacity, m), EXPERT_AXES)
   expert_out = experts.dense(expert_in).reshape(size, m)
-  out = expert_out.at[row].get(mode="fill", fill_value=0).reshape(g, s, k, m)
+  out = take_rows(expert_out, row, assignment).reshape(g, s, k, m)
   y = jnp.einsum("gskm,gsk->gsm", out, decision.gate.astype(x.dtype))
   return nn.with_logical_constraint(y, GROUP_AXES)
 
@@ -134,16 +273,27 @@ def dropless_dispatch(x: Array, decision: RouterOutput, experts: Experts, capaci
 def _grouped_ffn(x: Array, expert_index: Array, kept: Array, gate: Array,
                  experts: Experts) -> Array:
   """x [g,s,m]; expert_index / kept / gate [g,s,k] -> [g,s,m]: every kept assignment through
-  its expert (an index into experts' weights), sorted by expert, with grouped matmuls."""
+  its expert (an index into experts' weights) with grouped matmuls. The n = g·s·k assignments
+  are laid out sorted by expert, each expert's rows padded to a multiple of ROW_UNIT, in a
+  buffer of static size n + e·(ROW_UNIT-1) rounded up to ROW_UNIT (linear in tokens)."""
   g, s, m = x.shape
   k = expert_index.shape[-1]
   num_experts = experts.wo.shape[0]
-  expert = jnp.where(kept, expert_index, num_experts).reshape(-1)  # [n]
-  order = jnp.argsort(expert, stable=True)  # kept rows grouped by expert, the rest last
-  rows = experts.ragged(x.reshape(g * s, m)[order // k],
-                        jnp.bincount(expert, length=num_experts).astype(jnp.int32))
-  rows = rows * gate.reshape(-1)[order][:, None].astype(x.dtype)
-  return jnp.zeros((g * s, m), x.dtype).at[order // k].add(rows).reshape(g, s, m)
+  n = g * s * k
+  size = -(-(n + num_experts * (ROW_UNIT - 1)) // ROW_UNIT) * ROW_UNIT
+  expert = jnp.where(kept, expert_index, num_experts).reshape(-1)  # [n]; not kept: e
+  counts = jnp.bincount(expert, length=num_experts)
+  padded = -(-counts // ROW_UNIT) * ROW_UNIT
+  order = jnp.argsort(expert, stable=True)  # assignments grouped by expert, not kept last
+  sorted_expert = expert[order]
+  first = jnp.append(jnp.cumsum(padded) - padded, size)  # first row of each expert; e: past the end
+  rank = jnp.arange(n) - jnp.append(jnp.cumsum(counts) - counts, 0)[sorted_expert]
+  row = jnp.zeros(n, jnp.int32).at[order].set(first[sorted_expert] + rank)  # [n] buffer row
+  assignment = jnp.full(size, n, jnp.int32).at[row].set(jnp.arange(n), mode="drop")  # [size]
+  tokens = jnp.broadcast_to(x[:, :, None], (g, s, k, m)).reshape(n, m)
+  out = experts.grouped(take_rows(tokens, assignment, row), padded.astype(jnp.int32))
+  y = take_rows(out, row, assignment).reshape(g, s, k, m)  # not kept: 0
+  return jnp.einsum("gskm,gsk->gsm", y, gate.astype(x.dtype))
 
 
 def mesh_axes(logical_name: str) -> tuple[str, ...]:
@@ -162,8 +312,8 @@ def batch_partitions() -> int:
 
 
 def _dropless_sharded(x: Array, decision: RouterOutput, experts: Experts) -> Array:
-  """Dropless under a mesh, per device with jax.shard_map (ragged_dot has no SPMD rule that
-  keeps experts sharded). Each device holds groups (over the batch axes) and experts (over the
+  """Dropless under a mesh, per device with jax.shard_map (a grouped matmul has no SPMD rule
+  that keeps experts sharded). Each device holds groups (over the batch axes) and experts (over the
   expert axes): it all-gathers the tokens of its expert-axis peers, runs those assigned to its
   own experts, and a reduce-scatter returns every token's sum to its owner. Per device that
   sends X-1 copies of its [g,s,m] block each way (X: expert partitions), where the

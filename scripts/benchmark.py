@@ -1,17 +1,22 @@
 """MoE benchmark suite: every figure is a ratio of two timings taken in the same run, after
-compile and warm-up, median of interleaved repeats (these machines are shared and noisy).
+compile and warm-up. Functions are timed in blocks (each one untimed call, then `calls` timed
+calls in a row), in several alternating rounds, median over rounds: interleaving single calls
+would charge one function for the temporaries the previous one left behind.
 
-  python scripts/benchmark.py --quick             # < 5 minutes on a 2-core CPU, prints the table
+  python scripts/benchmark.py --quick             # a few minutes on a 2-core CPU, prints the table
   python scripts/benchmark.py --out benchmarks    # the full suite: JSON, Markdown table, plots
 
 Suites:
-  layer   MoE layer fwd+bwd time / dense FFN with the same active FLOPs per token (top-1), per
-          dispatch strategy, over experts E, group size S and capacity factor cf; the einsum
-          strategy's FLOP floor cf·(1 + S/h) × dense and how close it gets.
+  layer   MoE layer fwd+bwd time / the dense FFN with the same active FLOPs per token (top-1),
+          tokens as one 2-D [T,m] matrix (its fastest form), per dispatch strategy, over experts
+          E, group size S and capacity factor cf. The dense FFN's GFLOP/s is printed next to the
+          machine's GEMM peak (one plain 2-D matmul of the same size).
+  ops     where the layer's time goes (fwd+bwd, S=1024, cf 1.25): router, expert matmuls, and
+          dispatch + combine (the rest), with GFLOP/s of the first two.
   memory  peak temporary memory of the layer's fwd+bwd (XLA compiled memory analysis) vs tokens
-          at a fixed group size, and vs group size at fixed tokens.
+          at a fixed group size, and vs group size at fixed tokens; dropless vs tokens.
   hf      the same MoE layer in HF transformers (SwitchTransformersSparseMLP, PyTorch CPU) on
-          identical shapes and weights: time ratio, and HF's own MoE / dense ratio.
+          identical shapes and weights, with flaxformer's recorded figures for reference.
   train   training-step tokens/s: switch_tiny / t5_tiny (equal FLOPs per token).
 """
 from __future__ import annotations
@@ -32,20 +37,29 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from moe_jax import dispatch as dispatch_lib
 from moe_jax import moe_layer, routing
 
+# flaxformer's MoeLayer (built from its sources on jax 0.10.2; it is not installable here), fwd+bwd
+# ms on the idle 2-core CPU, 4096 tokens, m=512, h=2048, top-1, cf 1.25, groups of 1024, with
+# HF's SparseMLP (groups = sequences of 512) timed in the same run. Compared through HF, the
+# reference both runs share: flaxformer / HF there vs moe_jax / HF here.
+FLAXFORMER_RECORDED = {8: {"scatter_ms": 408.0, "masked_ms": 570.0, "hf_ms": 320.0},
+                       32: {"scatter_ms": 496.0, "masked_ms": 687.0, "hf_ms": 390.0}}
 
-def interleaved_median(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-  """Median seconds per call of each fn, after one warm-up call each; calls alternate so that
-  machine load drifts hit every fn alike."""
-  for fn in fns.values():
-    jax.block_until_ready(fn())
+
+def timed_blocks(fns: dict[str, Callable[[], object]], calls: int, rounds: int
+                 ) -> dict[str, float]:
+  """Seconds per call of each fn: per round, each fn runs one untimed call and then `calls`
+  timed calls in a row; the median over `rounds` alternating rounds."""
   times = {k: [] for k in fns}
-  for _ in range(repeats):
+  for _ in range(rounds):
     for k, fn in fns.items():
-      t0 = time.perf_counter()
       jax.block_until_ready(fn())
-      times[k].append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      for _ in range(calls):
+        jax.block_until_ready(fn())
+      times[k].append((time.perf_counter() - t0) / calls)
   return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -64,55 +78,124 @@ def moe_fwd_bwd(num_experts: int, d_model: int, d_ff: int, tokens: int, group_si
   return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x)
 
 
-def dense_fwd_bwd(d_model: int, d_ff: int, tokens: int, seq_len: int = 512):
-  """Jitted fwd+bwd of a dense relu FFN with the MoE layer's active FLOPs per token (top-1)."""
+def dense_fwd_bwd(d_model: int, d_ff: int, tokens: int):
+  """Jitted fwd+bwd of a dense relu FFN with the MoE layer's active FLOPs per token (top-1),
+  tokens as one [T,m] matrix: 3 · 2 · 2·T·m·h FLOPs."""
   k = jax.random.split(jax.random.key(3), 3)
   wi = jax.random.normal(k[0], (d_model, d_ff)) * d_model ** -0.5
   wo = jax.random.normal(k[1], (d_ff, d_model)) * d_ff ** -0.5
-  x = jax.random.normal(k[2], (tokens // seq_len, seq_len, d_model))
+  x = jax.random.normal(k[2], (tokens, d_model))
 
   def loss(p, x):
     return jnp.mean((jax.nn.relu(x @ p[0]) @ p[1]) ** 2)
   return jax.jit(jax.grad(loss, argnums=(0, 1))), ((wi, wo), x)
 
 
-def layer_suite(grid: dict, repeats: int) -> list[dict]:
+def gemm(d_model: int, d_ff: int, tokens: int):
+  """One plain 2-D matmul [T,m] @ [m,h] (2·T·m·h FLOPs): the machine's GEMM peak here."""
+  k = jax.random.split(jax.random.key(4), 2)
+  args = (jax.random.normal(k[0], (tokens, d_model)), jax.random.normal(k[1], (d_model, d_ff)))
+  return jax.jit(jnp.matmul), args
+
+
+def baselines(grid: dict) -> tuple[dict, Callable[[], object]]:
+  """The dense FFN and GEMM peak (GFLOP/s), timed together; and the dense FFN's thunk."""
   m, h, tokens = grid["d_model"], grid["d_ff"], grid["tokens"]
   dense, dargs = dense_fwd_bwd(m, h, tokens)
+  mm, margs = gemm(m, h, tokens)
+  t = timed_blocks({"dense": lambda: dense(*dargs), "gemm": lambda: mm(*margs)},
+                   grid["calls"], grid["rounds"])
+  flops = 2 * tokens * m * h
+  return ({"dense_ms": 1e3 * t["dense"], "dense_gflops": 6 * flops / t["dense"] / 1e9,
+           "gemm_ms": 1e3 * t["gemm"], "gemm_gflops": flops / t["gemm"] / 1e9},
+          lambda: dense(*dargs))
+
+
+def layer_suite(grid: dict) -> dict:
+  m, h, tokens = grid["d_model"], grid["d_ff"], grid["tokens"]
+  base, dense = baselines(grid)
   configs = [(e, s, cf, d) for e in grid["experts"] for d in grid["strategies"]
              for s in grid["group_sizes"] for cf in grid["capacity_factors"]
-             # dropless has no capacity: one group size and cf per E is enough; on CPU its
-             # ragged_dot costs ~E dense matmuls, so large E is left out there.
-             if d != "dropless" or (s == grid["group_sizes"][0] and cf == grid["capacity_factors"][0]
-                                    and e <= grid["dropless_max_experts"])]
+             # dropless has no capacity and routes each group without one: one row per E
+             if d != "dropless" or (s == grid["ops_group_size"] and cf == 1.25)]
   rows = []
   for e, s, cf, d in tqdm.tqdm(configs, desc="layer", file=sys.stdout):
     fn, args = moe_fwd_bwd(e, m, h, tokens, s, cf, d)
-    t = interleaved_median({"moe": lambda: fn(*args), "dense": lambda: dense(*dargs)}, repeats)
-    floor = cf * (1 + s / h) if d == "einsum" else None
-    ratio = t["moe"] / t["dense"]
+    t = timed_blocks({"moe": lambda: fn(*args), "dense": dense}, grid["calls"], grid["rounds"])
     rows.append({"experts": e, "group_size": s, "capacity_factor": cf, "dispatch": d,
-                 "moe_ms": 1e3 * t["moe"], "dense_ms": 1e3 * t["dense"], "ratio": ratio,
-                 "einsum_floor": floor, "vs_floor": ratio / floor if floor else None})
+                 "moe_ms": 1e3 * t["moe"], "dense_ms": 1e3 * t["dense"],
+                 "ratio": t["moe"] / t["dense"]})
+  return {"baseline": base, "rows": rows}
+
+
+def ops_suite(grid: dict) -> list[dict]:
+  """Per E and strategy (S = ops_group_size, cf 1.25, top-1): fwd+bwd of the router alone,
+  of the expert matmuls alone (on the rows the strategy computes: E·G·C, or T rounded per
+  expert to ROW_UNIT for dropless), and of the whole layer; dispatch + combine = the rest."""
+  m, h, tokens, s = grid["d_model"], grid["d_ff"], grid["tokens"], grid["ops_group_size"]
+  rows = []
+  for e in tqdm.tqdm(grid["ops_experts"], desc="ops", file=sys.stdout):
+    router = routing.TokensChooseRouter(e)
+    for d in grid["strategies"]:
+      layer_fn, layer_args = moe_fwd_bwd(e, m, h, tokens, s, 1.25, d)
+      layer = moe_layer.MoeLayer(num_experts=e, d_ff=h, router=router, group_size=s,
+                                 dispatch=d)
+      g, _ = layer.group_shape(1, tokens, 1)
+      capacity = layer.expert_capacity(s, deterministic=False)
+      params = layer_args[0]
+      groups = layer_args[1].reshape(g, s, m)
+
+      def route(w, x, capacity=capacity):
+        out = router.apply({"params": {"w": w}}, x, capacity=capacity, deterministic=True)
+        return jnp.sum(out.gate) + out.load_balance_loss + out.router_z_loss
+      router_fn = jax.jit(jax.grad(route, argnums=(0, 1)))
+      if d == "dropless":
+        per_expert = -(-tokens // e // dispatch_lib.ROW_UNIT) * dispatch_lib.ROW_UNIT
+        shape, expert_rows = (per_expert * e, m), per_expert * e
+      else:
+        shape, expert_rows = (e, g, capacity, m), e * g * capacity
+      xs = jax.random.normal(jax.random.key(5), shape)
+
+      def ffn(wi, wo, x, d=d, e=e, per_row=shape[0] // e):
+        experts = dispatch_lib.Experts(wi=[wi], wo=wo, activations=[jax.nn.relu])
+        if d == "dropless":
+          return jnp.sum(experts.grouped(x, jnp.full((e,), per_row, jnp.int32)) ** 2)
+        return jnp.sum(experts.dense(x) ** 2)
+      experts_fn = jax.jit(jax.grad(ffn, argnums=(0, 1, 2)))
+      t = timed_blocks({
+          "layer": lambda: layer_fn(*layer_args),
+          "router": lambda: router_fn(params["router"]["w"], groups),
+          "experts": lambda: experts_fn(params["wi"], params["wo"], xs)},
+          grid["calls"], grid["rounds"])
+      rows.append({"experts": e, "dispatch": d, "group_size": s, "capacity": capacity,
+                   **{f"{k}_ms": 1e3 * v for k, v in t.items()},
+                   "dispatch_combine_ms": 1e3 * (t["layer"] - t["router"] - t["experts"]),
+                   "router_gflops": 3 * 2 * tokens * m * e / t["router"] / 1e9,
+                   "experts_gflops": 3 * 4 * expert_rows * m * h / t["experts"] / 1e9})
   return rows
 
 
 def memory_suite(grid: dict) -> list[dict]:
-  """Compiled temp bytes of the layer's fwd+bwd (einsum), no execution needed."""
+  """Compiled temp bytes of the layer's fwd+bwd, no execution needed: einsum vs tokens at a
+  fixed group size and vs group size at fixed tokens; dropless vs tokens."""
   m, h = grid["d_model"], grid["d_ff"]
+  s = grid["memory_group_size"]
+  cases = [("tokens", t, s, "einsum") for t in grid["memory_tokens"]]
+  cases += [("group_size", grid["memory_fixed_tokens"], gs, "einsum")
+            for gs in grid["memory_group_sizes"]]
+  cases += [("tokens", t, s, "dropless") for t in grid["memory_tokens"]]
   rows = []
-  cases = [("tokens", t, grid["memory_group_size"]) for t in grid["memory_tokens"]]
-  cases += [("group_size", grid["memory_fixed_tokens"], s) for s in grid["memory_group_sizes"]]
-  for sweep, tokens, s in tqdm.tqdm(cases, desc="memory", file=sys.stdout):
-    fn, args = moe_fwd_bwd(8, m, h, tokens, s, 1.25, "einsum")
+  for sweep, tokens, gs, d in tqdm.tqdm(cases, desc="memory", file=sys.stdout):
+    fn, args = moe_fwd_bwd(8, m, h, tokens, gs, 1.25, d)
     stats = fn.lower(*args).compile().memory_analysis()
-    rows.append({"sweep": sweep, "tokens": tokens, "group_size": s,
+    rows.append({"sweep": sweep, "dispatch": d, "tokens": tokens, "group_size": gs,
                  "temp_bytes": int(stats.temp_size_in_bytes)})
   return rows
 
 
-def hf_suite(grid: dict, repeats: int) -> list[dict]:
-  """moe_jax (einsum and the best strategy) vs HF SwitchTransformersSparseMLP, same weights."""
+def hf_suite(grid: dict) -> list[dict]:
+  """moe_jax's strategies vs HF SwitchTransformersSparseMLP, same weights and groups (one per
+  sequence, HF's capacity); flaxformer through its recorded ratio to HF (FLAXFORMER_RECORDED)."""
   import torch
   from transformers import SwitchTransformersConfig
   from transformers.models.switch_transformers import modeling_switch_transformers as hf
@@ -150,20 +233,25 @@ def hf_suite(grid: dict, repeats: int) -> list[dict]:
       fn = jax.jit(jax.grad(lambda p, x, layer=layer: jnp.mean(
           layer.apply({"params": p}, x, deterministic=True) ** 2), argnums=(0, 1)))
       timings[d] = (fn, params, x)
-    t = interleaved_median({
+    t = timed_blocks({
         **{d: (lambda f=f, p=p, x=x: f(p, x)) for d, (f, p, x) in timings.items()},
         "hf_moe": lambda: torch_step(torch_moe), "hf_dense": lambda: torch_step(torch_dense)},
-        repeats)
+        grid["calls"], grid["rounds"])
     best = min(("einsum", "indices", "dropless"), key=t.get)
+    flax = FLAXFORMER_RECORDED.get(e)
     rows.append({"experts": e, "tokens": tokens, "seq_len": seq, "capacity": cap,
                  **{f"{k}_ms": 1e3 * v for k, v in t.items()},
                  "hf_moe_over_hf_dense": t["hf_moe"] / t["hf_dense"],
                  "einsum_over_hf": t["einsum"] / t["hf_moe"], "best": best,
-                 "best_over_hf": t[best] / t["hf_moe"]})
+                 "best_over_hf": t[best] / t["hf_moe"],
+                 # flaxformer's faster (scatter) router / HF, recorded; > 1: moe_jax is faster
+                 "flaxformer_over_hf": flax and flax["scatter_ms"] / flax["hf_ms"],
+                 "speedup_vs_flaxformer": flax and flax["scatter_ms"] / flax["hf_ms"]
+                 / (t[best] / t["hf_moe"])})
   return rows
 
 
-def train_suite(grid: dict, repeats: int) -> list[dict]:
+def train_suite(grid: dict) -> list[dict]:
   """Training-step tokens/s of switch_tiny vs t5_tiny: the model's loss_fn, grad, Adafactor update."""
   import gin
   import optax
@@ -195,7 +283,8 @@ def train_suite(grid: dict, repeats: int) -> list[dict]:
       return optax.apply_updates(p, updates), o
     steps[name] = (jax.jit(step).lower(state, data).compile(), state, data)
     gin.clear_config()
-  t = interleaved_median({k: (lambda s=s: s[0](s[1], s[2])) for k, s in steps.items()}, repeats)
+  t = timed_blocks({k: (lambda s=s: s[0](s[1], s[2])) for k, s in steps.items()},
+                   grid["calls"], grid["rounds"])
   tokens = batch * sum(lengths)
   return [{"model": k, "step_ms": 1e3 * v, "tokens_per_s": tokens / v} for k, v in t.items()] + [
       {"model": "switch_tiny / t5_tiny", "tokens_per_s_ratio": t["t5_tiny"] / t["switch_tiny"]}]
@@ -203,50 +292,70 @@ def train_suite(grid: dict, repeats: int) -> list[dict]:
 
 FULL = {"tokens": 4096, "d_model": 512, "d_ff": 2048, "experts": [8, 32, 128],
         "group_sizes": [256, 1024, 4096], "capacity_factors": [1.0, 1.25, 2.0],
-        "strategies": ["einsum", "indices", "dropless"], "repeats": 4,
-        "dropless_max_experts": 32 if jax.default_backend() == "cpu" else 128,
+        "strategies": ["einsum", "indices", "dropless"], "calls": 3, "rounds": 3,
+        "ops_experts": [8, 32], "ops_group_size": 1024,
         "memory_tokens": [2048, 4096, 8192, 16384], "memory_group_size": 1024,
         "memory_fixed_tokens": 8192, "memory_group_sizes": [256, 1024, 4096, 8192],
         "hf_experts": [8, 32], "hf_seq_len": 512, "train_batch": 8, "train_lengths": [128, 64]}
 QUICK = {**FULL, "tokens": 2048, "d_model": 256, "d_ff": 1024, "experts": [8, 32],
-         "group_sizes": [256, 1024], "capacity_factors": [1.25], "repeats": 3,
+         "group_sizes": [1024], "capacity_factors": [1.25], "calls": 2, "rounds": 2,
          "memory_tokens": [1024, 2048, 4096], "memory_fixed_tokens": 4096,
          "memory_group_sizes": [256, 1024, 4096], "hf_experts": [8], "train_batch": 4,
          "train_lengths": [64, 32]}
 
 
 def markdown(results: dict) -> str:
-  env = results["environment"]
+  env, grid = results["environment"], results["grid"]
   out = [f"# moe_jax benchmarks ({'quick' if results['quick'] else 'full'})", "",
          f"{env['backend']} · {env['device']} · {env['cpus']} CPUs · jax {env['jax']} · "
-         f"command: `{results['command']}`", "",
-         f"Layer: top-1, {results['grid']['tokens']} tokens, m={results['grid']['d_model']}, "
-         f"h={results['grid']['d_ff']}; ratio = MoE fwd+bwd / dense FFN fwd+bwd (same active "
-         "FLOPs per token), same run, median of interleaved repeats. floor = cf·(1 + S/h) "
-         "(einsum's dispatch+combine FLOPs); vs floor = ratio / floor.", "",
-         "| E | group S | cf | dispatch | MoE ms | dense ms | ratio | einsum floor | vs floor |",
-         "|---|---|---|---|---|---|---|---|---|"]
-  for r in results.get("layer", []):
-    fl = f"{r['einsum_floor']:.2f}" if r["einsum_floor"] else ""
-    vf = f"{r['vs_floor']:.2f}" if r["vs_floor"] else ""
-    out.append(f"| {r['experts']} | {r['group_size']} | {r['capacity_factor']} | {r['dispatch']} | "
-               f"{r['moe_ms']:.1f} | {r['dense_ms']:.1f} | **{r['ratio']:.2f}** | {fl} | {vf} |")
+         f"load average at start {env['load_average']} · command: `{results['command']}`", "",
+         f"Timing: each function {grid['calls']} calls in a row after an untimed one, "
+         f"{grid['rounds']} alternating rounds, median over rounds."]
+  if results.get("layer"):
+    base = results["layer"]["baseline"]
+    out += ["", f"Layer: top-1, {grid['tokens']} tokens, m={grid['d_model']}, h={grid['d_ff']}; "
+            "ratio = MoE fwd+bwd / dense FFN fwd+bwd with the same active FLOPs per token, "
+            "tokens as one 2-D matrix. Dense FFN: "
+            f"{base['dense_ms']:.1f} ms = **{base['dense_gflops']:.0f} GFLOP/s**; GEMM peak "
+            f"(one [T,m]@[m,h] matmul): {base['gemm_ms']:.1f} ms = "
+            f"**{base['gemm_gflops']:.0f} GFLOP/s**.", "",
+            "| E | group S | cf | dispatch | MoE ms | dense ms | ratio |", "|---|---|---|---|---|---|---|"]
+    for r in results["layer"]["rows"]:
+      cf = "-" if r["dispatch"] == "dropless" else r["capacity_factor"]
+      out.append(f"| {r['experts']} | {r['group_size']} | {cf} | {r['dispatch']} | "
+                 f"{r['moe_ms']:.1f} | {r['dense_ms']:.1f} | **{r['ratio']:.2f}** |")
+  if results.get("ops"):
+    out += ["", "Where the time goes (fwd+bwd, cf 1.25): router and expert matmuls timed alone; "
+            "dispatch + combine = layer - router - experts.", "",
+            "| E | dispatch | C | layer ms | router ms | router GFLOP/s | experts ms | "
+            "experts GFLOP/s | dispatch+combine ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["ops"]:
+      c = "-" if r["dispatch"] == "dropless" else r["capacity"]
+      out.append(f"| {r['experts']} | {r['dispatch']} | {c} | {r['layer_ms']:.1f} | "
+                 f"{r['router_ms']:.1f} | {r['router_gflops']:.1f} | {r['experts_ms']:.1f} | "
+                 f"{r['experts_gflops']:.0f} | {r['dispatch_combine_ms']:.1f} |")
   if results.get("memory"):
-    out += ["", "Peak temporary memory of fwd+bwd (einsum, E=8, cf 1.25, XLA memory analysis):", "",
-            "| sweep | tokens | group S | temp MiB | MiB per 1k tokens |", "|---|---|---|---|---|"]
+    out += ["", "Peak temporary memory of fwd+bwd (E=8, cf 1.25, XLA memory analysis):", "",
+            "| dispatch | sweep | tokens | group S | temp MiB | MiB per 1k tokens |",
+            "|---|---|---|---|---|---|"]
     for r in results["memory"]:
       mib = r["temp_bytes"] / 2**20
-      out.append(f"| {r['sweep']} | {r['tokens']} | {r['group_size']} | {mib:.1f} | "
-                 f"{mib / r['tokens'] * 1000:.2f} |")
+      out.append(f"| {r['dispatch']} | {r['sweep']} | {r['tokens']} | {r['group_size']} | "
+                 f"{mib:.1f} | {mib / r['tokens'] * 1000:.2f} |")
   if results.get("hf"):
     out += ["", "Against HF transformers SwitchTransformersSparseMLP (PyTorch CPU), same weights, "
-            "fwd+bwd, groups = sequences:", "",
-            "| E | tokens | C | HF MoE ms | HF MoE / HF dense | einsum / HF | best | best / HF |",
-            "|---|---|---|---|---|---|---|---|"]
+            "fwd+bwd, groups = sequences; flaxformer (scatter router) through its recorded "
+            "ratio to HF (scripts/benchmark.py FLAXFORMER_RECORDED):", "",
+            "| E | tokens | C | HF MoE ms | einsum ms | indices ms | dropless ms | "
+            "HF MoE / HF dense | best | best / HF | flaxformer / HF (recorded) | "
+            "speed-up vs flaxformer |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["hf"]:
+      flax = (f"{r['flaxformer_over_hf']:.2f} | {r['speedup_vs_flaxformer']:.2f}"
+              if r["flaxformer_over_hf"] else " | ")
       out.append(f"| {r['experts']} | {r['tokens']} | {r['capacity']} | {r['hf_moe_ms']:.1f} | "
-                 f"{r['hf_moe_over_hf_dense']:.2f} | {r['einsum_over_hf']:.2f} | {r['best']} | "
-                 f"**{r['best_over_hf']:.2f}** |")
+                 f"{r['einsum_ms']:.1f} | {r['indices_ms']:.1f} | {r['dropless_ms']:.1f} | "
+                 f"{r['hf_moe_over_hf_dense']:.2f} | {r['best']} | **{r['best_over_hf']:.2f}** | "
+                 f"{flax} |")
   if results.get("train"):
     out += ["", "Training step (Adafactor, fwd+bwd+update):", "", "| model | step ms | tokens/s |",
             "|---|---|---|"]
@@ -265,8 +374,8 @@ def plots(results: dict, out: pathlib.Path) -> None:
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-  layer = results.get("layer", [])
-  cf_plot = 1.25 if any(r["capacity_factor"] == 1.25 for r in layer) else None
+  layer = results.get("layer", {}).get("rows", [])
+  cf_plot = 1.25
   for d, marker in (("einsum", "o"), ("indices", "s")):
     for e in sorted({r["experts"] for r in layer}):
       pts = [(r["group_size"], r["ratio"]) for r in layer
@@ -277,17 +386,21 @@ def plots(results: dict, out: pathlib.Path) -> None:
   for r in layer:
     if r["dispatch"] == "dropless":
       axes[0].axhline(r["ratio"], ls=":", color="gray")
-      axes[0].text(sizes[0], r["ratio"] * 1.05, f"dropless E={r['experts']} (ragged_dot)", fontsize=7)
+      axes[0].text(sizes[0], r["ratio"] * 1.02, f"dropless E={r['experts']}", fontsize=7)
   axes[0].axhline(1.0, color="k", lw=0.8)
-  axes[0].set(xscale="log", yscale="log", xlabel="group size S", ylabel="MoE / dense fwd+bwd time",
-              title=f"MoE layer vs dense FFN (top-1, cf {cf_plot})")
-  axes[0].set_xticks(sizes, [str(v) for v in sizes], minor=False)
+  axes[0].axhline(cf_plot, color="k", lw=0.8, ls="--")
+  axes[0].set(xscale="log", xlabel="group size S", ylabel="MoE / dense (2-D) fwd+bwd time",
+              title=f"MoE layer vs dense FFN (top-1, cf {cf_plot}; dashed: cf x dense)")
+  if sizes:
+    axes[0].set_xticks(sizes, [str(v) for v in sizes], minor=False)
   axes[0].xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
   axes[0].legend(fontsize=7)
-  for sweep in ("tokens", "group_size"):
-    pts = [(r[sweep], r["temp_bytes"] / 2**20) for r in results.get("memory", []) if r["sweep"] == sweep]
-    if pts:
-      axes[1].plot(*zip(*pts), marker="o", label=f"vs {sweep}")
+  for d in ("einsum", "dropless"):
+    for sweep in ("tokens", "group_size"):
+      pts = [(r[sweep], r["temp_bytes"] / 2**20) for r in results.get("memory", [])
+             if r["sweep"] == sweep and r["dispatch"] == d]
+      if pts:
+        axes[1].plot(*zip(*pts), marker="o", label=f"{d} vs {sweep}")
   axes[1].set(xscale="log", yscale="log", xlabel="tokens or group size",
               ylabel="temp memory (MiB)", title="Peak memory: linear in tokens at fixed S")
   axes[1].legend()
@@ -295,14 +408,18 @@ def plots(results: dict, out: pathlib.Path) -> None:
   fig.savefig(out / "benchmark.png", dpi=110)
 
 
+SUITES = {"layer": layer_suite, "ops": ops_suite, "memory": memory_suite, "hf": hf_suite,
+          "train": train_suite}
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="small grid, < 5 minutes on 2 CPUs")
-  parser.add_argument("--suites", default="layer,memory,hf,train")
+  parser.add_argument("--quick", action="store_true", help="small grid, for CI")
+  parser.add_argument("--suites", default=",".join(SUITES))
   parser.add_argument("--out", default=None, help="directory for results.json, RESULTS.md, plots")
   args = parser.parse_args(argv)
   suites = args.suites.split(",")
-  unknown = set(suites) - {"layer", "memory", "hf", "train"}
+  unknown = set(suites) - set(SUITES)
   if unknown:
     parser.error(f"--suites has unknown {sorted(unknown)}")
   grid = QUICK if args.quick else FULL
@@ -311,12 +428,11 @@ def main(argv=None) -> None:
              "command": "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
              "environment": {"backend": jax.default_backend(), "device": dev.device_kind,
                              "cpus": os.cpu_count(), "jax": jax.__version__,
-                             "machine": platform.machine()}}
+                             "machine": platform.machine(),
+                             "load_average": " ".join(f"{v:.2f}" for v in os.getloadavg())}}
   out = pathlib.Path(args.out) if args.out else None
-  runners = {"layer": lambda: layer_suite(grid, grid["repeats"]), "memory": lambda: memory_suite(grid),
-             "hf": lambda: hf_suite(grid, grid["repeats"]), "train": lambda: train_suite(grid, grid["repeats"])}
   for suite in suites:
-    results[suite] = runners[suite]()
+    results[suite] = SUITES[suite](grid)
     if out:  # after every suite, so a long run that fails late keeps what it measured
       out.mkdir(parents=True, exist_ok=True)
       (out / "results.json").write_text(json.dumps(results, indent=1))
