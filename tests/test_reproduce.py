@@ -38,15 +38,19 @@ def test_every_claim_names_existing_gins():
         assert os.path.isfile(os.path.join(root, gin_file.split("=", 1)[1])), (name, gin_file)
 
 
-def test_capacity_factor_quick_drops_fewer_tokens_with_more_capacity(tmp_path):
-  # Three real 60-step runs through the CLI; the direction held for seeds 0 and 1 when written.
-  report = reproduce.reproduce("capacity_factor", seeds=[0], quick=True,
+def test_load_balance_quick_evens_the_expert_load(tmp_path):
+  # Two real 60-step runs through the CLI (prefix LM). Without the aux loss the expert load is
+  # more uneven from the first steps on: mean CV 1.48 vs 0.98 (seed 0) and 1.63 vs 0.94 (seed 1)
+  # when written. (The
+  # span-corruption version of this test checked that more capacity drops fewer tokens; on the
+  # prefix LM at 60 steps that order flips between runs, whose routing diverges.)
+  report = reproduce.reproduce("load_balance", seeds=[0], quick=True,
                                runs_dir=str(tmp_path / "runs"), out=str(tmp_path / "out"),
                                log=lambda _: None)
-  saved = json.load(open(tmp_path / "out" / "capacity_factor.json"))
+  saved = json.load(open(tmp_path / "out" / "load_balance.json"))
   assert saved["figures"] == json.loads(json.dumps(report["figures"]))
-  assert os.path.getsize(tmp_path / "out" / "capacity_factor.png") > 10_000
-  dropped = [report["figures"]["fraction_dropped"][f"cf {cf}"] for cf in (1.0, 1.25, 2.0)]
-  assert dropped[0] > dropped[1] > dropped[2] >= 0.0
+  assert os.path.getsize(tmp_path / "out" / "load_balance.png") > 10_000
+  cv = report["figures"]["mean_load_cv"]
+  assert cv["aux 0"] > 1.25 * cv["aux 0.01"] > 0.0
   assert all(np.isfinite(list(report["figures"]["final_eval_loss"].values())))
-  assert len(saved["commands"]) == 3 and "moe_jax.train" in saved["commands"][0]
+  assert len(saved["commands"]) == 2 and "moe_jax.train" in saved["commands"][0]
