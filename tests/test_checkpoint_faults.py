@@ -266,21 +266,28 @@ def _main_exit(argv, capsys):
 DIVERGE = ["--gin.LEARNING_RATE=1e30", "--gin.OPTIMIZER=@trainer.adamw"]
 
 
-def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-  model_dir = tmp_path / "run"
+def _diverge(model_dir, capsys, *flags: str) -> tuple[str, str]:
+  """Trains 2 finite steps, then resumes with a diverging learning rate and `flags`: (the one
+  error line, all of stderr) of that run, which must exit 1 without a traceback."""
   train.run(trainer.train, _flags(model_dir, "--gin.TRAIN_STEPS=2",
                                   "--gin.OPTIMIZER=@trainer.adamw"), "moe_jax.train")
-  code, err = _main_exit(_flags(model_dir, "--gin.TRAIN_STEPS=50", "--gin.CHECKPOINT_PERIOD=1",
-                                "--gin.KEEP_CHECKPOINTS=1", *DIVERGE), capsys)
+  code, err = _main_exit(_flags(model_dir, *flags, *DIVERGE), capsys)
   assert code == 1
   lines = _error_lines(err)
   assert len(lines) == 1 and "Traceback" not in err
+  return lines[0], err
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+  model_dir = tmp_path / "run"
+  line, _ = _diverge(model_dir, capsys, "--gin.TRAIN_STEPS=50", "--gin.CHECKPOINT_PERIOD=1",
+                     "--gin.KEEP_CHECKPOINTS=1")
   match = re.search(r"non-finite loss, gradient or update at step (\d+) \(loss \S+, grad_norm "
                     r"nan; 1 in a row, MAX_NONFINITE_SKIPS=0\); MoE layers at that step: "
                     r"decoder/layers_1/mlp: fraction_dropped [^;]*router_confidence [^;]*"
                     r"router_z_loss [^;]*; encoder/layers_1/mlp: .*last good checkpoint: "
-                    rf"{model_dir}/checkpoint_(\d+)$", lines[0])
-  assert match, lines[0]
+                    rf"{model_dir}/checkpoint_(\d+)$", line)
+  assert match, line
   bad, last_good = int(match.group(1)), int(match.group(2))
   # Nothing of the bad step (or later) was saved; the newest checkpoint is the last finite step.
   assert orbax_utils.latest_steps(str(model_dir)) == [last_good] == [bad - 1]
@@ -291,17 +298,12 @@ def test_divergence_stops_at_once_with_long_stats_and_checkpoint_periods(tmp_pat
   """STATS_PERIOD and CHECKPOINT_PERIOD 500: the run still stops one step after the first
   non-finite step (the progress bar's last count), not at step 500."""
   model_dir = tmp_path / "run"
-  train.run(trainer.train, _flags(model_dir, "--gin.TRAIN_STEPS=2",
-                                  "--gin.OPTIMIZER=@trainer.adamw"), "moe_jax.train")
-  code, err = _main_exit(_flags(model_dir, "--gin.TRAIN_STEPS=500", "--gin.STATS_PERIOD=500",
-                                "--gin.CHECKPOINT_PERIOD=500", *DIVERGE), capsys)
-  assert code == 1
-  lines = _error_lines(err)
-  assert len(lines) == 1 and "Traceback" not in err
+  line, err = _diverge(model_dir, capsys, "--gin.TRAIN_STEPS=500", "--gin.STATS_PERIOD=500",
+                       "--gin.CHECKPOINT_PERIOD=500")
   match = re.search(r"non-finite loss, gradient or update at step (\d+) .*MoE layers at that "
                     r"step: decoder/layers_1/mlp: fraction_dropped .*last good checkpoint: "
-                    rf"{model_dir}/checkpoint_2$", lines[0])
-  assert match, lines[0]
+                    rf"{model_dir}/checkpoint_2$", line)
+  assert match, line
   bad = int(match.group(1))
   steps_run = int(re.findall(r"(\d+)/500", err)[-1])
   assert 2 < bad <= steps_run <= bad + 1, (bad, steps_run)
