@@ -60,15 +60,19 @@ Schedule = Callable[[int], float]
 
 @gin.configurable
 def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000,
-                   linear_warmup: bool = False) -> Schedule:
-  """T5's schedule: base · 1/sqrt(max(step, warmup_steps)).
+                   linear_warmup: bool = False, start_step: int = 0) -> Schedule:
+  """T5's schedule: base · 1/sqrt(max(start_step + step, warmup_steps)).
 
   Constant base/sqrt(warmup) for the first warmup_steps, then inverse square-root decay (T5 and
   Switch: base 1.0, warmup 10k). linear_warmup additionally ramps it from 0 over the warmup.
+  start_step > 0 continues a source model's schedule in a run that restarts at step 0 (an
+  upcycled or distilled model: the source checkpoint's step, as Komatsuzaki et al. 2022 do).
   """
   validation.number("LEARNING_RATE", base_learning_rate, minimum=0.0)
   validation.integer("WARMUP_STEPS", warmup_steps, minimum=1)
+  validation.integer("LEARNING_RATE_START_STEP", start_step, minimum=0)
   def schedule(step: int) -> float:
+    step += start_step
     lr = base_learning_rate / math.sqrt(max(step, warmup_steps))
     if linear_warmup:
       lr *= min(1.0, (step + 1) / warmup_steps)

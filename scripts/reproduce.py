@@ -407,7 +407,81 @@ def reproduce(name: str, *, seeds: Sequence[int] | None = None, steps: int | Non
   return report
 
 
-# ---- distillation (Switch Sec. 5): a two-stage claim -----------------------------------------
+# ---- two-stage claims: distillation (Switch Sec. 5) and sparse upcycling ---------------------
+
+
+def _stage_command(claim: Claim, variant: Variant, run_gin: str, seed: int, steps: int,
+                   scale: str, quick: bool, *extra: str) -> list[str]:
+  """A run of `variant` with gin/runs/<run_gin> in place of pretrain.gin, the claim's other
+  settings and `extra` bindings (last, so they win)."""
+  cmd = [a.replace("gin/runs/pretrain.gin", f"gin/runs/{run_gin}")
+         for a in train_command(claim, variant, seed, steps, scale, quick)]
+  return cmd + [f"--gin.{b}" for b in extra]
+
+
+def _baseline_runs(claim: Claim, seed: int, steps: int, scale: str, quick: bool,
+                   runs_dir: str) -> dict[str, tuple[list[str], str, int]]:
+  """label -> (command, MODEL_DIR, final step) of the claim's pre-training runs (the same runs
+  as sample_efficiency's)."""
+  runs = {}
+  for variant in claim.variants:
+    cmd = train_command(claim, variant, seed, steps, scale, quick)
+    runs[variant.label] = (with_model_dir(cmd, _run_dir(runs_dir, cmd)),
+                           _run_dir(runs_dir, cmd), steps)
+  return runs
+
+
+def _eval_xent(model_dir: str) -> tuple[list[int], list[float]]:
+  """Eval cross-entropy curve (the aux and z-losses left out: the models' quality alone)."""
+  _, evals = read_metrics(model_dir)
+  return [r["step"] for r in evals], [r[_eval_key(r)] for r in evals]
+
+
+def _train_stages(name: str, runs: dict[str, tuple[list[str], str, int]]
+                  ) -> tuple[dict[str, dict], list[str]]:
+  """Trains (or reuses) each run in order; label -> eval curve and wall seconds, and the
+  commands as typed."""
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  curves, commands = {}, []
+  for label, (cmd, model_dir, final_step) in tqdm(runs.items(), desc=name, unit="run"):
+    commands.append(display_command(cmd))
+    seconds = run_one(cmd, model_dir, final_step)
+    eval_steps, xent = _eval_xent(model_dir)
+    curves[label] = {"eval_steps": eval_steps, "eval_xent": xent, "train_seconds": seconds}
+  return curves, commands
+
+
+def _write_staged(name: str, claim: Claim, *, seed: int, steps: int, scale: str, quick: bool,
+                  commands: list[str], figures: dict[str, Any], curves: dict[str, dict],
+                  out: str, title: str, vline: int | None = None) -> dict[str, Any]:
+  """<out>/<name>.json (as reproduce()'s) and .png (every eval curve; vline: where the second
+  stage starts)."""
+  report = {"claim": name, "title": claim.title, "paper": claim.paper,
+            "task": claim.task, "steps": steps, "seeds": [seed],
+            "scale": "tiny" if quick else scale, "quick": quick,
+            "python_version": platform.python_version(), "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "commands": commands, "figures": figures,
+            "runs": curves}
+  os.makedirs(out, exist_ok=True)
+  stem = os.path.join(out, name if scale == "tiny" or quick else f"{name}_{scale}")
+  with open(stem + ".json", "w") as f:
+    json.dump(report, f, indent=1)
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6.5, 4), layout="constrained")
+  for i, (label, c) in enumerate(curves.items()):
+    ax.plot(c["eval_steps"], c["eval_xent"], marker=".", color=f"C{i}",
+            label=f"{label}: {c['eval_xent'][-1]:.4f}")
+  if vline is not None:
+    ax.axvline(vline, color="gray", linestyle=":")
+  ax.set(xlabel="step", ylabel="eval cross-entropy (nats/token)", title=title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.savefig(stem + ".png", dpi=110)
+  plt.close(fig)
+  return report
+
 
 DISTILLATION = Claim(
     "MoE-to-dense distillation",
@@ -423,28 +497,19 @@ SEED_SPREAD = 0.013
 
 
 def distillation_commands(claim: Claim, seed: int, steps: int, scale: str, quick: bool,
-                          runs_dir: str) -> dict[str, tuple[list[str], str]]:
-  """label -> (command, MODEL_DIR) of the dense baseline, the Switch teacher (the same runs as
-  sample_efficiency's) and the student: the teacher's model gin with gin/runs/distill.gin and
-  otherwise the baseline's settings and steps."""
-  runs = {}
-  for variant in claim.variants:
-    cmd = train_command(claim, variant, seed, steps, scale, quick)
-    runs[variant.label] = (with_model_dir(cmd, _run_dir(runs_dir, cmd)), _run_dir(runs_dir, cmd))
+                          runs_dir: str) -> dict[str, tuple[list[str], str, int]]:
+  """label -> (command, MODEL_DIR, final step) of the dense baseline, the Switch teacher and the
+  student: the teacher's model gin with gin/runs/distill.gin, otherwise the baseline's settings
+  and steps, and the teacher's learning-rate schedule continued from its last step (its weights
+  start from there)."""
+  runs = _baseline_runs(claim, seed, steps, scale, quick, runs_dir)
   teacher_dir = runs[_SWITCH.label][1]
-  cmd = [a.replace("gin/runs/pretrain.gin", "gin/runs/distill.gin")
-         for a in train_command(claim, _SWITCH, seed, steps, scale, quick)]
-  cmd.append(f"--gin.TEACHER_CHECKPOINT='{teacher_dir}'")
+  cmd = _stage_command(claim, _SWITCH, "distill.gin", seed, steps, scale, quick,
+                       f"TEACHER_CHECKPOINT='{teacher_dir}'",
+                       f"LEARNING_RATE_START_STEP={steps}")
   student_dir = os.path.join(runs_dir, "distilled_" + os.path.basename(_run_dir(runs_dir, cmd)))
-  runs[_STUDENT] = (with_model_dir(cmd, student_dir), student_dir)
+  runs[_STUDENT] = (with_model_dir(cmd, student_dir), student_dir, steps)
   return runs
-
-
-def _eval_xent(model_dir: str) -> tuple[list[int], list[float]]:
-  """Eval cross-entropy curve (the aux and z-losses left out: the models' quality alone)."""
-  _, evals = read_metrics(model_dir)
-  key = lambda row: next(k for k in row if k.endswith("/cross_ent_loss"))  # noqa: E731
-  return [r["step"] for r in evals], [r[key(r)] for r in evals]
 
 
 def reproduce_distillation(name: str = "distillation", *, seed: int = 0,
@@ -457,33 +522,21 @@ def reproduce_distillation(name: str = "distillation", *, seed: int = 0,
   (prefix LM, as the other claims) or 'distillation_span'."""
   claim = DISTILLATION_SPAN if name == "distillation_span" else DISTILLATION
   steps = steps or (60 if quick else claim.steps)
-  runs = distillation_commands(claim, seed, steps, scale, quick, runs_dir)
-  curves, commands = {}, []
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  for label, (cmd, model_dir) in tqdm(runs.items(), desc="distillation", unit="run"):
-    commands.append(display_command(cmd))
-    seconds = run_one(cmd, model_dir, steps)
-    eval_steps, xent = _eval_xent(model_dir)
-    curves[label] = {"eval_steps": eval_steps, "eval_xent": xent, "train_seconds": seconds}
+  curves, commands = _train_stages(
+      name, distillation_commands(claim, seed, steps, scale, quick, runs_dir))
   final = {label: c["eval_xent"][-1] for label, c in curves.items()}
   gain = final[_DENSE.label] - final[_SWITCH.label]
   kept = final[_DENSE.label] - final[_STUDENT]
+  share = kept / gain if gain > SEED_SPREAD else None
   figures = {"final_eval_xent": final, "teacher_gain": gain, "student_gain": kept,
-             "share_of_teacher_gain_kept": kept / gain if gain > SEED_SPREAD else None}
-  report = {"claim": name, "title": claim.title, "paper": claim.paper,
-            "task": claim.task, "steps": steps, "seeds": [seed],
-            "scale": "tiny" if quick else scale, "quick": quick,
-            "python_version": platform.python_version(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "commands": commands, "figures": figures,
-            "runs": curves}
-  os.makedirs(out, exist_ok=True)
-  stem = os.path.join(out, name if scale == "tiny" or quick else f"{name}_{scale}")
-  with open(stem + ".json", "w") as f:
-    json.dump(report, f, indent=1)
-  _plot_distillation(report, stem + ".png")
+             "share_of_teacher_gain_kept": share}
+  report = _write_staged(name, claim, seed=seed, steps=steps, scale=scale, quick=quick,
+                commands=commands, figures=figures, curves=curves, out=out,
+                title=claim.title + (f": student keeps {share:.0%} of the teacher's gain"
+                                     if share is not None else
+                                     ": the teacher's gain is within the seed spread"))
   lines = ["| model | final eval xent |", "|---|---|"]
   lines += [f"| {label} | {x:.4f} |" for label, x in final.items()]
-  share = figures["share_of_teacher_gain_kept"]
   lines += ["", f"- teacher's gain over dense: {gain:+.4f} nats; student's: {kept:+.4f} nats; "
             + (f"share kept: {share:.0%}" if share is not None else
                f"share kept: undefined (the teacher's gain is not above the seed-to-seed "
@@ -492,23 +545,85 @@ def reproduce_distillation(name: str = "distillation", *, seed: int = 0,
   return report
 
 
-def _plot_distillation(report: dict[str, Any], path: str) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(6.5, 4), layout="constrained")
-  for i, (label, c) in enumerate(report["runs"].items()):
-    ax.plot(c["eval_steps"], c["eval_xent"], marker=".", color=f"C{i}",
-            label=f"{label}: {c['eval_xent'][-1]:.4f}")
-  share = report["figures"]["share_of_teacher_gain_kept"]
-  ax.set(xlabel="step", ylabel="eval cross-entropy (nats/token)",
-         title=report["title"] + (f": student keeps {share:.0%} of the teacher's gain"
-                                  if share is not None else
-                                  ": the teacher's gain is within the seed spread"))
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+UPCYCLING = Claim(
+    "Sparse upcycling vs continuing the dense model vs an MoE from scratch",
+    "Sparse Upcycling (Komatsuzaki et al. 2022), Fig. 2 / 3: for the same extra training, a "
+    "dense checkpoint upcycled to an MoE beats both the dense model trained on and an MoE "
+    "trained from scratch", (_DENSE, _SWITCH))
+_DENSE_ON = "dense T5, trained on"
+_SCRATCH_ON = "Switch from scratch"
+_UPCYCLED = "Switch upcycled from the dense checkpoint"
+
+
+def upcycling_commands(seed: int, steps: int, scale: str, quick: bool, runs_dir: str
+                       ) -> dict[str, tuple[list[str], str, int]]:
+  """label -> (command, MODEL_DIR, final step). Stage 1: the dense and Switch runs of `steps`
+  (sample_efficiency's). Stage 2, `steps` more each: both continued from their checkpoints
+  (gin/runs/continue_pretrain.gin: state, step and data position restored, so each curve is the
+  run trained for 2x steps), and the dense checkpoint upcycled (gin/runs/sparse_upcycle.gin:
+  experts copied from the dense MLP, fresh routers and optimizer state, the dense run's
+  learning-rate schedule continued from its last step)."""
+  claim = UPCYCLING
+  stage1 = _baseline_runs(claim, seed, steps, scale, quick, runs_dir)
+  runs = {}
+  for (label, variant), on in zip(((_DENSE_ON, _DENSE), (_SCRATCH_ON, _SWITCH)),
+                                  (_DENSE.label, _SWITCH.label)):
+    source = os.path.join(stage1[on][1], f"checkpoint_{steps}")
+    cmd = _stage_command(claim, variant, "continue_pretrain.gin", seed, steps, scale, quick,
+                         f"TRAIN_STEPS={2 * steps}", f"INITIAL_CHECKPOINT_PATH='{source}'")
+    runs[on] = stage1[on]
+    runs[label] = (with_model_dir(cmd, _run_dir(runs_dir, cmd)), _run_dir(runs_dir, cmd),
+                   2 * steps)
+  source = os.path.join(stage1[_DENSE.label][1], f"checkpoint_{steps}")
+  cmd = _stage_command(claim, _SWITCH, "sparse_upcycle.gin", seed, steps, scale, quick,
+                       f"INITIAL_CHECKPOINT_PATH='{source}'", f"LEARNING_RATE_START_STEP={steps}")
+  upcycled_dir = os.path.join(runs_dir, "upcycled_" + os.path.basename(_run_dir(runs_dir, cmd)))
+  runs[_UPCYCLED] = (with_model_dir(cmd, upcycled_dir), upcycled_dir, steps)
+  return runs
+
+
+def reproduce_upcycling(*, seed: int = 0, steps: int | None = None, scale: str = "tiny",
+                        quick: bool = False, runs_dir: str, out: str,
+                        log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Trains (or reuses) the runs of upcycling_commands; writes <out>/upcycling.json and .png.
+  Curves are on the total step count (the upcycled run's steps shifted by the dense run's).
+  Figures: final eval cross-entropy after 2x steps; the upcycled model against the MoE from
+  scratch after the same `steps` of MoE training; the step where the scratch MoE catches up."""
+  steps = steps or (60 if quick else UPCYCLING.steps)
+  curves, commands = _train_stages(
+      "upcycling", upcycling_commands(seed, steps, scale, quick, runs_dir))
+  up = curves[_UPCYCLED]
+  up["eval_steps"] = [steps + s for s in up["eval_steps"]]
+  # Each continued curve is its stage-1 curve followed by the continuation.
+  for label, on in ((_DENSE_ON, _DENSE.label), (_SCRATCH_ON, _SWITCH.label)):
+    first = curves.pop(on)
+    curves[label] = {"eval_steps": first["eval_steps"] + curves[label]["eval_steps"],
+                     "eval_xent": first["eval_xent"] + curves[label]["eval_xent"],
+                     "train_seconds": [first["train_seconds"], curves[label]["train_seconds"]]}
+  curves = {label: curves[label] for label in (_DENSE_ON, _SCRATCH_ON, _UPCYCLED)}
+  final = {label: c["eval_xent"][-1] for label, c in curves.items()}
+  scratch = curves[_SCRATCH_ON]
+  scratch_at_steps = scratch["eval_xent"][scratch["eval_steps"].index(steps)]
+  figures = {
+      "final_eval_xent": final,
+      "upcycled_gain_over_dense": final[_DENSE_ON] - final[_UPCYCLED],
+      "upcycled_gain_over_scratch": final[_SCRATCH_ON] - final[_UPCYCLED],
+      "scratch_eval_xent_after_same_moe_steps": scratch_at_steps,
+      "scratch_steps_to_reach_upcycled": steps_to_reach(
+          scratch["eval_steps"], scratch["eval_xent"], final[_UPCYCLED])}
+  report = _write_staged("upcycling", UPCYCLING, seed=seed, steps=steps, scale=scale, quick=quick,
+                commands=commands, figures=figures, curves=curves, out=out,
+                title="Sparse upcycling (dotted: the dense checkpoint upcycled)", vline=steps)
+  reach = figures["scratch_steps_to_reach_upcycled"]
+  lines = [f"| model | eval xent at step {2 * steps} |", "|---|---|"]
+  lines += [f"| {label} | {x:.4f} |" for label, x in final.items()]
+  lines += ["", f"- upcycled vs dense trained on: {figures['upcycled_gain_over_dense']:+.4f} "
+            f"nats; vs Switch from scratch: {figures['upcycled_gain_over_scratch']:+.4f}",
+            f"- after the same {steps} MoE steps: upcycled {final[_UPCYCLED]:.4f}, scratch "
+            f"{scratch_at_steps:.4f}; the scratch MoE reaches the upcycled loss "
+            + (f"at step {reach:.0f}" if reach is not None else f"not within {2 * steps} steps")]
+  log("\n".join(lines))
+  return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -530,6 +645,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, claim in (("distillation", DISTILLATION), ("distillation_span", DISTILLATION_SPAN)):
       print(f"{name:25s} {claim.title} (dense, Switch teacher, student; seed 0, "
             f"{claim.steps} steps on {claim.task})")
+    print(f"{'upcycling':25s} {UPCYCLING.title} (dense and Switch, each trained on, and the "
+          f"upcycled dense; seed 0, 2x{UPCYCLING.steps} steps on {UPCYCLING.task})")
+    return 0
+  if args.claim == "upcycling":
+    reproduce_upcycling(seed=(args.seeds or [0])[0], steps=args.steps, scale=args.scale,
+                        quick=args.quick, runs_dir=args.runs_dir, out=args.out)
     return 0
   if args.claim in ("distillation", "distillation_span"):
     reproduce_distillation(args.claim, seed=(args.seeds or [0])[0], steps=args.steps,

@@ -54,3 +54,39 @@ def test_load_balance_quick_evens_the_expert_load(tmp_path):
   assert cv["aux 0"] > 1.25 * cv["aux 0.01"] > 0.0
   assert all(np.isfinite(list(report["figures"]["final_eval_loss"].values())))
   assert len(saved["commands"]) == 2 and "moe_jax.train" in saved["commands"][0]
+
+
+def test_upcycling_quick_trains_on_from_the_stage_one_checkpoints(tmp_path):
+  # Five real 20-step runs through the CLI: dense and Switch, both trained on from their
+  # checkpoints, and the dense checkpoint upcycled.
+  report = reproduce.reproduce_upcycling(steps=20, quick=True, runs_dir=str(tmp_path / "runs"),
+                                         out=str(tmp_path / "out"), log=lambda _: None)
+  saved = json.load(open(tmp_path / "out" / "upcycling.json"))
+  assert saved["figures"] == json.loads(json.dumps(report["figures"]))
+  assert os.path.getsize(tmp_path / "out" / "upcycling.png") > 10_000
+  dense, dense_on, switch, switch_on, upcycled = saved["commands"]
+  model_dir = lambda cmd: cmd.split("MODEL_DIR=")[1].strip("'\"")  # noqa: E731
+  for first, on in ((dense, dense_on), (switch, switch_on)):
+    assert "runs/pretrain.gin" in first and "runs/continue_pretrain.gin" in on
+    assert f"INITIAL_CHECKPOINT_PATH='{model_dir(first)}/checkpoint_20'" in on
+    assert "TRAIN_STEPS=40" in on
+  assert "t5_tiny.gin" in dense and "switch_tiny.gin" in upcycled
+  assert "runs/sparse_upcycle.gin" in upcycled
+  assert f"INITIAL_CHECKPOINT_PATH='{model_dir(dense)}/checkpoint_20'" in upcycled
+  assert "LEARNING_RATE_START_STEP=20" in upcycled
+
+  def train_steps(cmd):
+    with open(os.path.join(model_dir(cmd), "metrics.jsonl")) as f:
+      return [r["step"] for r in map(json.loads, f) if r["split"] == "train"]
+  assert train_steps(dense_on)[0] == 21  # the step was restored: trained on
+  assert train_steps(upcycled)[0] == 1  # a new model: its step starts again
+  runs = saved["runs"]
+  assert list(runs) == ["dense T5, trained on", "Switch from scratch",
+                        "Switch upcycled from the dense checkpoint"]
+  for label in list(runs)[:2]:
+    assert runs[label]["eval_steps"] == list(range(2, 41, 2))
+  assert runs[list(runs)[2]]["eval_steps"] == list(range(22, 41, 2))  # on the total step count
+  final = {label: c["eval_xent"][-1] for label, c in runs.items()}
+  assert saved["figures"]["upcycled_gain_over_dense"] == \
+      final["dense T5, trained on"] - final["Switch upcycled from the dense checkpoint"]
+  assert all(np.isfinite(list(final.values())))

@@ -341,6 +341,10 @@ def test_rsqrt_schedule_and_optimizers_match_references():
     assert float(schedule(step)) == pytest.approx(1.0 / np.sqrt(max(step, 100)), rel=1e-6)
   assert float(trainer.rsqrt_schedule(linear_warmup=True, warmup_steps=10)(4)) == \
       pytest.approx(0.5 / np.sqrt(10), rel=1e-6)
+  # start_step: a run restarted at step 0 (upcycled) goes on with its source's schedule.
+  continued = trainer.rsqrt_schedule(warmup_steps=100, start_step=1500)
+  for step in (0, 1, 500):
+    assert float(continued(step)) == pytest.approx(1.0 / np.sqrt(1500 + step), rel=1e-6)
   rng = np.random.default_rng(0)
   params = {"w": jnp.asarray(rng.normal(size=(300, 200)), jnp.float32),  # factored
             "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32)}
