@@ -62,11 +62,18 @@ class Experts:
     return jnp.where(mask, h / keep, 0.0).astype(h.dtype)
 
   def dense(self, x: Array) -> Array:
-    """Expert buffers x [e,g,c,m] -> [e,g,c,m]."""
+    """Expert buffers x [e,g,c,m] -> [e,g,c,m].
+
+    The matmuls see each expert's rows as one dim r = g·c: plain batched GEMMs whose weight
+    gradients contract one dim (with g and c apart, XLA:CPU transposes the operands first)."""
+    e, g, c, m = x.shape
+    rows = x.reshape(e, g * c, m)
     h = 1.0
     for w, act in zip(self.wi, self.activations):
-      h = h * act(nn.with_logical_constraint(jnp.einsum("egcm,emh->egch", x, w), HIDDEN_AXES))
-    return jnp.einsum("egch,ehm->egcm", self.dropout(h), self.wo)
+      hidden = jnp.einsum("erm,emh->erh", rows, w).reshape(e, g, c, -1)
+      h = h * act(nn.with_logical_constraint(hidden, HIDDEN_AXES))
+    h = self.dropout(h)
+    return jnp.einsum("erh,ehm->erm", h.reshape(e, g * c, -1), self.wo).reshape(e, g, c, m)
 
   def grouped(self, x: Array, group_sizes: Array) -> Array:
     """Rows x [n,m] grouped by expert, group_sizes [e] rows per expert -> [n,m]; rows past

@@ -17,7 +17,8 @@ Suites:
           at a fixed group size, and vs group size at fixed tokens; dropless vs tokens.
   hf      the same MoE layer in HF transformers (SwitchTransformersSparseMLP, PyTorch CPU) on
           identical shapes and weights, with flaxformer's recorded figures for reference.
-  train   training-step tokens/s: switch_tiny / t5_tiny (equal FLOPs per token).
+  train   training tokens/s of switch_tiny / t5_tiny (equal FLOPs per token) in the trainer's
+          own step, at the pretrain run's batch and lengths.
 """
 from __future__ import annotations
 
@@ -252,40 +253,37 @@ def hf_suite(grid: dict) -> list[dict]:
 
 
 def train_suite(grid: dict) -> list[dict]:
-  """Training-step tokens/s of switch_tiny vs t5_tiny: the model's loss_fn, grad, Adafactor update."""
+  """Training tokens/s of switch_tiny vs t5_tiny in the trainer's own step (Trainer.train_step:
+  loss, grads, Adafactor, non-finite guard, donated state) on packed batches of the pretrain
+  run's task and shapes (gin/runs/pretrain.gin), counted as the trainer counts (non-padding
+  tokens). Both models in one process, timed in blocks of steps."""
   import gin
-  import optax
 
-  from moe_jax import config, trainer
+  from moe_jax import config, partitioning, trainer
 
-  batch, lengths = grid["train_batch"], grid["train_lengths"]
+  batch_size, lengths = grid["train_batch"], grid["train_lengths"]
+  it = trainer.data_module().get_dataset("pydocs_span_corruption", lengths, "train", batch_size)
+  local = next(it)
+  tokens = int(np.count_nonzero(local["encoder_input_tokens"])
+               + np.count_nonzero(local["decoder_target_tokens"]))
   steps = {}
   for name in ("switch_tiny", "t5_tiny"):
-    # MoE layer factories are gin-bound and resolve when the module is set up, so init and
+    # MoE layer factories are gin-bound and resolve when the module is set up, so build and
     # compile while this model's config is in force.
     model = config.build_model([f"models/{name}.gin"])
-    shapes = {"encoder_input_tokens": (batch, lengths[0]), "decoder_input_tokens": (batch, lengths[1])}
-    boxed = model.get_initial_variables(jax.random.key(0), shapes)["params"]
-    params = nn.unbox(boxed)
-    rng = np.random.default_rng(0)
-    data = {"encoder_input_tokens": rng.integers(2, 500, shapes["encoder_input_tokens"]),
-            "decoder_input_tokens": rng.integers(2, 500, shapes["decoder_input_tokens"]),
-            "decoder_target_tokens": rng.integers(2, 500, shapes["decoder_input_tokens"]),
-            "decoder_loss_weights": np.ones(shapes["decoder_input_tokens"])}
-    data = {k: jnp.asarray(v, jnp.float32 if "weights" in k else jnp.int32) for k, v in data.items()}
-    opt = optax.chain(trainer.adafactor(nn.get_partition_spec(boxed)), optax.scale(1e-3))
-    state = (params, opt.init(params))
+    partitioner = partitioning.Partitioner()
+    tr = trainer.Trainer(model, partitioner, trainer.batch_shapes(lengths, batch_size, True),
+                         trainer.adafactor)
+    batch = partitioner.shard_batch(local)
+    holder = {"state": tr.init_state(0)}
 
-    def step(state, batch, model=model, opt=opt):
-      p, o = state
-      grads, _ = jax.grad(model.loss_fn, has_aux=True)(p, batch, jax.random.key(1))
-      updates, o = opt.update(grads, o, p)
-      return optax.apply_updates(p, updates), o
-    steps[name] = (jax.jit(step).lower(state, data).compile(), state, data)
+    def step(tr=tr, batch=batch, holder=holder):  # the state is donated: carry it on
+      holder["state"], metrics = tr.train_step(holder["state"], batch, 0.01)
+      return metrics
+    jax.block_until_ready(step())  # compile
+    steps[name] = step
     gin.clear_config()
-  t = timed_blocks({k: (lambda s=s: s[0](s[1], s[2])) for k, s in steps.items()},
-                   grid["calls"], grid["rounds"])
-  tokens = batch * sum(lengths)
+  t = timed_blocks(steps, grid["train_calls"], grid["rounds"])
   return [{"model": k, "step_ms": 1e3 * v, "tokens_per_s": tokens / v} for k, v in t.items()] + [
       {"model": "switch_tiny / t5_tiny", "tokens_per_s_ratio": t["t5_tiny"] / t["switch_tiny"]}]
 
@@ -296,12 +294,13 @@ FULL = {"tokens": 4096, "d_model": 512, "d_ff": 2048, "experts": [8, 32, 128],
         "ops_experts": [8, 32], "ops_group_size": 1024,
         "memory_tokens": [2048, 4096, 8192, 16384], "memory_group_size": 1024,
         "memory_fixed_tokens": 8192, "memory_group_sizes": [256, 1024, 4096, 8192],
-        "hf_experts": [8, 32], "hf_seq_len": 512, "train_batch": 8, "train_lengths": [128, 64]}
+        "hf_experts": [8, 32], "hf_seq_len": 512, "train_batch": 32,
+        "train_lengths": {"inputs": 64, "targets": 16}, "train_calls": 10}
 QUICK = {**FULL, "tokens": 2048, "d_model": 256, "d_ff": 1024, "experts": [8, 32],
          "group_sizes": [1024], "capacity_factors": [1.25], "calls": 2, "rounds": 2,
          "memory_tokens": [1024, 2048, 4096], "memory_fixed_tokens": 4096,
-         "memory_group_sizes": [256, 1024, 4096], "hf_experts": [8], "train_batch": 4,
-         "train_lengths": [64, 32]}
+         "memory_group_sizes": [256, 1024, 4096], "hf_experts": [8], "train_batch": 8,
+         "train_calls": 5}
 
 
 def markdown(results: dict) -> str:
@@ -357,7 +356,9 @@ def markdown(results: dict) -> str:
                  f"{r['hf_moe_over_hf_dense']:.2f} | {r['best']} | **{r['best_over_hf']:.2f}** | "
                  f"{flax} |")
   if results.get("train"):
-    out += ["", "Training step (Adafactor, fwd+bwd+update):", "", "| model | step ms | tokens/s |",
+    out += ["", f"Training step (Trainer.train_step: fwd+bwd, Adafactor, guard), batch "
+            f"{grid['train_batch']}, lengths {grid['train_lengths']}, packed pretrain task; "
+            f"{grid['train_calls']} steps per block:", "", "| model | step ms | tokens/s |",
             "|---|---|---|"]
     for r in results["train"]:
       if "tokens_per_s" in r:

@@ -288,3 +288,25 @@ def test_router_init_scale_and_jitter():
   assert (np.abs(np.asarray(tr) - clean) <= bound + 1e-4).all()
   with pytest.raises(Exception, match="router"):  # training jitter needs its own rng stream
     router.apply(params, x, deterministic=False, method=router.router_logits)
+
+
+def test_jitter_is_uniform_on_its_interval():
+  """routing.jitter against U(1-ε, 1+ε)'s own moments and histogram; an odd element count
+  exercises the split of 32-bit draws into two values."""
+  eps, shape = 0.1, (3, 1001, 7)
+  u = np.asarray(routing.jitter(jax.random.key(0), shape, eps))
+  assert u.shape == shape and u.dtype == np.float32
+  assert ((u > 1 - eps) & (u < 1 + eps)).all()
+  flat = u.reshape(-1).astype(np.float64)
+  n = flat.size
+  assert abs(flat.mean() - 1.0) < 4 * eps / np.sqrt(3 * n)
+  assert flat.var() == pytest.approx(eps ** 2 / 3, rel=0.03)
+  counts = np.histogram(flat, bins=20, range=(1 - eps, 1 + eps))[0]
+  assert (np.abs(counts - n / 20) < 5 * np.sqrt(n / 20)).all()
+  assert len(np.unique(u)) > 10_000  # a fine grid, not a handful of levels
+  # The two values cut from one draw are independent: no correlation between the halves.
+  half = (n + 1) // 2
+  first, second = flat[:n - half], flat[half:]
+  assert abs(np.corrcoef(first, second)[0, 1]) < 4 / np.sqrt(first.size)
+  np.testing.assert_array_equal(u, routing.jitter(jax.random.key(0), shape, eps))
+  assert not np.array_equal(u, routing.jitter(jax.random.key(1), shape, eps))
