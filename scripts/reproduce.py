@@ -136,10 +136,12 @@ CLAIMS: dict[str, Claim] = {
         (Variant("aux 0.01", "switch"), Variant("aux 0", "switch", ("AUX_LOSS_FACTOR=0.0",))),
         analysis="balance"),
     "z_loss": Claim(
-        "Router z-loss at a high learning rate",
+        "Router z-loss 0 vs 1e-3 at the base learning rate and 2.5x and 5x it",
         "ST-MoE Sec. 3: the z-loss stabilises training without hurting quality",
-        (Variant("z-loss 0", "switch", ("LEARNING_RATE=5.0",)),
-         Variant("z-loss 1e-3", "switch", ("LEARNING_RATE=5.0", "ROUTER_Z_LOSS_FACTOR=0.001"))),
+        tuple(Variant(f"lr x{lr}, z-loss {z}", "switch",
+                      ((f"LEARNING_RATE={lr:.1f}",) if lr != 1 else ())
+                      + (("ROUTER_Z_LOSS_FACTOR=0.001",) if z else ()))
+              for lr in (1, 2.5, 5) for z in (0, "1e-3")),
         analysis="curves"),
     "init_scale": Claim(
         "Initialisation scale 1.0 vs 0.1 (all weights)",
