@@ -1,0 +1,45 @@
+"""scripts/benchmark.py's hf suite times moe_jax's layer and HF's SparseMLP on the same work:
+same weights, same groups, same capacity, the same tokens dropped."""
+import math
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from transformers import SwitchTransformersConfig
+from transformers.models.switch_transformers import modeling_switch_transformers as hf
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+import benchmark  # pylint: disable=wrong-import-position
+
+
+def test_hf_suite_layers_compute_the_same_tokens():
+  # Regression: the suite applied moe_jax's layer deterministically, i.e. at the eval capacity
+  # factor (2.0: 60% more expert rows than HF's cf 1.25), which made it look slower than HF.
+  e, m, h, seq = 4, 16, 32, 32
+  capacity = math.ceil(1.25 * seq / e)  # HF's per-sequence capacity at cf 1.25: 10
+  config = SwitchTransformersConfig(d_model=m, d_ff=h, num_experts=e, expert_capacity=capacity,
+                                    router_jitter_noise=0.0, dropout_rate=0.0)
+  torch_moe = hf.SwitchTransformersSparseMLP(config)
+  # A shared offset gives every token's router logits a common part: the load is uneven and
+  # the capacity binds.
+  x = (np.random.default_rng(0).normal(size=(3, seq, m)) + 1.0).astype(np.float32)
+  for dispatch in ("einsum", "indices"):
+    layer = benchmark.hf_matched_layer(e, h, capacity, seq, dispatch)
+    params = nn.unbox(layer.init({"params": jax.random.key(1)}, jnp.asarray(x),
+                                 deterministic=True)["params"])
+    torch_moe.load_state_dict(benchmark.hf_state_dict(params))
+    seen = {}
+    hook = torch_moe.router.register_forward_hook(
+        lambda mod, args, out: seen.update(kept=out[0].sum(-1).numpy() > 0))
+    with torch.no_grad():
+      y_hf = torch_moe(torch.tensor(x)).numpy()
+    hook.remove()
+    kept = seen["kept"]
+    assert 0 < (~kept).sum() < kept.size, "capacity must bind for the test to mean anything"
+    y = np.asarray(layer.apply({"params": params}, jnp.asarray(x), deterministic=True))
+    np.testing.assert_allclose(y[kept], y_hf[kept], rtol=1e-5, atol=1e-6)
+    assert np.all(y[~kept] == 0)  # dropped: left to the residual connection
