@@ -132,8 +132,10 @@ def layer_suite(grid: dict) -> dict:
 def ops_suite(grid: dict) -> list[dict]:
   """Per E and strategy (S = ops_group_size, cf 1.25, top-1): fwd+bwd of the router alone,
   of the expert matmuls alone (on the rows the strategy computes: E·G·C, or T rounded per
-  expert to ROW_UNIT for dropless), and of the whole layer; dispatch + combine = the rest."""
+  expert to ROW_UNIT for dropless), and of the whole layer; dispatch + combine = the rest.
+  The 2-D dense FFN is timed in the same rounds: layer / dense is the targets' ratio."""
   m, h, tokens, s = grid["d_model"], grid["d_ff"], grid["tokens"], grid["ops_group_size"]
+  dense, dargs = dense_fwd_bwd(m, h, tokens)
   rows = []
   for e in tqdm.tqdm(grid["ops_experts"], desc="ops", file=sys.stdout):
     router = routing.TokensChooseRouter(e)
@@ -166,10 +168,12 @@ def ops_suite(grid: dict) -> list[dict]:
       t = timed_blocks({
           "layer": lambda: layer_fn(*layer_args),
           "router": lambda: router_fn(params["router"]["w"], groups),
-          "experts": lambda: experts_fn(params["wi"], params["wo"], xs)},
+          "experts": lambda: experts_fn(params["wi"], params["wo"], xs),
+          "dense": lambda: dense(*dargs)},
           grid["calls"], grid["rounds"])
       rows.append({"experts": e, "dispatch": d, "group_size": s, "capacity": capacity,
                    **{f"{k}_ms": 1e3 * v for k, v in t.items()},
+                   "layer_over_dense": t["layer"] / t["dense"],
                    "dispatch_combine_ms": 1e3 * (t["layer"] - t["router"] - t["experts"]),
                    "router_gflops": 3 * 2 * tokens * m * e / t["router"] / 1e9,
                    "experts_gflops": 3 * 4 * expert_rows * m * h / t["experts"] / 1e9})
@@ -341,12 +345,15 @@ def markdown(results: dict) -> str:
                  f"{r['moe_ms']:.1f} | {r['dense_ms']:.1f} | **{r['ratio']:.2f}** |")
   if results.get("ops"):
     out += ["", "Where the time goes (fwd+bwd, cf 1.25): router and expert matmuls timed alone; "
-            "dispatch + combine = layer - router - experts.", "",
-            "| E | dispatch | C | layer ms | router ms | router GFLOP/s | experts ms | "
-            "experts GFLOP/s | dispatch+combine ms |", "|---|---|---|---|---|---|---|---|---|"]
+            "dispatch + combine = layer - router - experts; layer / dense: against the 2-D "
+            "dense FFN timed in the same rounds.", "",
+            "| E | dispatch | C | layer ms | dense ms | layer / dense | router ms | "
+            "router GFLOP/s | experts ms | experts GFLOP/s | dispatch+combine ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["ops"]:
       c = "-" if r["dispatch"] == "dropless" else r["capacity"]
       out.append(f"| {r['experts']} | {r['dispatch']} | {c} | {r['layer_ms']:.1f} | "
+                 f"{r['dense_ms']:.1f} | **{r['layer_over_dense']:.2f}** | "
                  f"{r['router_ms']:.1f} | {r['router_gflops']:.1f} | {r['experts_ms']:.1f} | "
                  f"{r['experts_gflops']:.0f} | {r['dispatch_combine_ms']:.1f} |")
   if results.get("memory"):
