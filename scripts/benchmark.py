@@ -391,43 +391,74 @@ def markdown(results: dict) -> str:
   return "\n".join(out) + "\n"
 
 
-def plots(results: dict, out: pathlib.Path) -> None:
-  import matplotlib
-  import matplotlib.ticker
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-  layer = results.get("layer", {}).get("rows", [])
-  cf_plot = 1.25
+def _plot_layer(ax, layer: dict) -> None:
+  import matplotlib.ticker  # pylint: disable=import-outside-toplevel
+  rows, cf_plot = layer["rows"], 1.25
   for d, marker in (("einsum", "o"), ("indices", "s")):
-    for e in sorted({r["experts"] for r in layer}):
-      pts = [(r["group_size"], r["ratio"]) for r in layer
+    for e in sorted({r["experts"] for r in rows}):
+      pts = [(r["group_size"], r["ratio"]) for r in rows
              if r["dispatch"] == d and r["experts"] == e and r["capacity_factor"] == cf_plot]
       if pts:
-        axes[0].plot(*zip(*sorted(pts)), marker=marker, label=f"{d} E={e}")
-  sizes = sorted({r["group_size"] for r in layer})
-  for r in layer:
+        ax.plot(*zip(*sorted(pts)), marker=marker, label=f"{d} E={e}")
+  sizes = sorted({r["group_size"] for r in rows})
+  for r in rows:
     if r["dispatch"] == "dropless":
-      axes[0].axhline(r["ratio"], ls=":", color="gray")
-      axes[0].text(sizes[0], r["ratio"] * 1.02, f"dropless E={r['experts']}", fontsize=7)
-  axes[0].axhline(1.0, color="k", lw=0.8)
-  axes[0].axhline(cf_plot, color="k", lw=0.8, ls="--")
-  axes[0].set(xscale="log", xlabel="group size S", ylabel="MoE / dense (2-D) fwd+bwd time",
-              title=f"MoE layer vs dense FFN (top-1, cf {cf_plot}; dashed: cf x dense)")
-  if sizes:
-    axes[0].set_xticks(sizes, [str(v) for v in sizes], minor=False)
-  axes[0].xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-  axes[0].legend(fontsize=7)
+      ax.axhline(r["ratio"], ls=":", color="gray")
+      ax.text(sizes[0], r["ratio"] * 1.02, f"dropless E={r['experts']}", fontsize=7)
+  ax.axhline(1.0, color="k", lw=0.8)
+  ax.axhline(cf_plot, color="k", lw=0.8, ls="--")
+  ax.set(xscale="log", xlabel="group size S", ylabel="MoE / dense (2-D) fwd+bwd time",
+         title=f"MoE layer vs dense FFN (top-1, cf {cf_plot}; dashed: cf x dense)")
+  ax.set_xticks(sizes, [str(v) for v in sizes], minor=False)
+  ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+  ax.legend(fontsize=7)
+
+
+def _plot_ops(ax, ops: list[dict]) -> None:
+  """Stacked fwd+bwd ms per (E, strategy): router, expert matmuls, dispatch + combine; the 2-D
+  dense FFN and 1.25 x it over each bar."""
+  x = np.arange(len(ops))
+  bottom = np.zeros(len(ops))
+  for key, label in (("router_ms", "router"), ("experts_ms", "expert matmuls"),
+                     ("dispatch_combine_ms", "dispatch + combine")):
+    v = np.array([max(r[key], 0.0) for r in ops])
+    ax.bar(x, v, bottom=bottom, label=label)
+    bottom += v
+  for i, r in enumerate(ops):
+    ax.hlines(r["dense_ms"], i - 0.4, i + 0.4, color="k",
+              label="dense FFN (2-D)" if i == 0 else None)
+    ax.hlines(1.25 * r["dense_ms"], i - 0.4, i + 0.4, color="k", ls="--",
+              label="1.25 x dense" if i == 0 else None)
+    ax.text(i, bottom[i], f"{r['layer_over_dense']:.2f}x", ha="center", va="bottom", fontsize=8)
+  ax.set_xticks(x, [f"E={r['experts']}\n{r['dispatch']}" for r in ops], fontsize=8)
+  ax.set(ylabel="fwd+bwd ms", title="Where the layer's time goes (cf 1.25; label: / dense)")
+  ax.legend(fontsize=7)
+
+
+def _plot_memory(ax, memory: list[dict]) -> None:
   for d in ("einsum", "dropless"):
     for sweep in ("tokens", "group_size"):
-      pts = [(r[sweep], r["temp_bytes"] / 2**20) for r in results.get("memory", [])
+      pts = [(r[sweep], r["temp_bytes"] / 2**20) for r in memory
              if r["sweep"] == sweep and r["dispatch"] == d]
       if pts:
-        axes[1].plot(*zip(*pts), marker="o", label=f"{d} vs {sweep}")
-  axes[1].set(xscale="log", yscale="log", xlabel="tokens or group size",
-              ylabel="temp memory (MiB)", title="Peak memory: linear in tokens at fixed S")
-  axes[1].legend()
+        ax.plot(*zip(*pts), marker="o", label=f"{d} vs {sweep}")
+  ax.set(xscale="log", yscale="log", xlabel="tokens or group size",
+         ylabel="temp memory (MiB)", title="Peak memory: linear in tokens at fixed S")
+  ax.legend()
+
+
+def plots(results: dict, out: pathlib.Path) -> None:
+  """benchmark.png: one panel per suite run of layer, ops, memory."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  panels = [(k, f) for k, f in (("layer", _plot_layer), ("ops", _plot_ops),
+                                ("memory", _plot_memory)) if results.get(k)]
+  if not panels:
+    return
+  fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+  for ax, (k, plot) in zip(axes[0], panels):
+    plot(ax, results[k])
   fig.tight_layout()
   fig.savefig(out / "benchmark.png", dpi=110)
 
