@@ -555,6 +555,9 @@ UPCYCLING = Claim(
 _DENSE_ON = "dense T5, trained on"
 _SCRATCH_ON = "Switch from scratch"
 _UPCYCLED = "Switch upcycled from the dense checkpoint"
+# The control for the upcycled run's fresh optimizer state: the dense model trained on from its
+# checkpoint's params and step, with a fresh Adafactor state (initial_checkpoint_mode 'params').
+_DENSE_FRESH = "dense T5, trained on with a fresh optimizer state"
 
 
 def upcycling_commands(seed: int, steps: int, scale: str, quick: bool, runs_dir: str
@@ -564,7 +567,8 @@ def upcycling_commands(seed: int, steps: int, scale: str, quick: bool, runs_dir:
   (gin/runs/continue_pretrain.gin: state, step and data position restored, so each curve is the
   run trained for 2x steps), and the dense checkpoint upcycled (gin/runs/sparse_upcycle.gin:
   experts copied from the dense MLP, fresh routers and optimizer state, the dense run's
-  learning-rate schedule continued from its last step)."""
+  learning-rate schedule continued from its last step). The control: the dense model trained on
+  from its params and step alone, with a fresh optimizer state as the upcycled run has."""
   claim = UPCYCLING
   stage1 = _baseline_runs(claim, seed, steps, scale, quick, runs_dir)
   runs = {}
@@ -581,6 +585,11 @@ def upcycling_commands(seed: int, steps: int, scale: str, quick: bool, runs_dir:
                        f"INITIAL_CHECKPOINT_PATH='{source}'", f"LEARNING_RATE_START_STEP={steps}")
   upcycled_dir = os.path.join(runs_dir, "upcycled_" + os.path.basename(_run_dir(runs_dir, cmd)))
   runs[_UPCYCLED] = (with_model_dir(cmd, upcycled_dir), upcycled_dir, steps)
+  cmd = _stage_command(claim, _DENSE, "continue_pretrain.gin", seed, steps, scale, quick,
+                       f"TRAIN_STEPS={2 * steps}", f"INITIAL_CHECKPOINT_PATH='{source}'",
+                       "trainer.train.initial_checkpoint_mode='params'")
+  runs[_DENSE_FRESH] = (with_model_dir(cmd, _run_dir(runs_dir, cmd)), _run_dir(runs_dir, cmd),
+                        2 * steps)
   return runs
 
 
@@ -602,7 +611,7 @@ def reproduce_upcycling(*, seed: int = 0, steps: int | None = None, scale: str =
     curves[label] = {"eval_steps": first["eval_steps"] + curves[label]["eval_steps"],
                      "eval_xent": first["eval_xent"] + curves[label]["eval_xent"],
                      "train_seconds": [first["train_seconds"], curves[label]["train_seconds"]]}
-  curves = {label: curves[label] for label in (_DENSE_ON, _SCRATCH_ON, _UPCYCLED)}
+  curves = {label: curves[label] for label in (_DENSE_ON, _SCRATCH_ON, _UPCYCLED, _DENSE_FRESH)}
   final = {label: c["eval_xent"][-1] for label, c in curves.items()}
   scratch = curves[_SCRATCH_ON]
   scratch_at_steps = scratch["eval_xent"][scratch["eval_steps"].index(steps)]
@@ -610,12 +619,14 @@ def reproduce_upcycling(*, seed: int = 0, steps: int | None = None, scale: str =
       "final_eval_xent": final,
       "upcycled_gain_over_dense": final[_DENSE_ON] - final[_UPCYCLED],
       "upcycled_gain_over_scratch": final[_SCRATCH_ON] - final[_UPCYCLED],
+      # What a fresh optimizer state alone costs the dense model (its params and step kept).
+      "fresh_optimizer_cost_dense": final[_DENSE_FRESH] - final[_DENSE_ON],
       "scratch_eval_xent_after_same_moe_steps": scratch_at_steps,
       "scratch_steps_to_reach_upcycled": steps_to_reach(
           scratch["eval_steps"], scratch["eval_xent"], final[_UPCYCLED])}
   report = _write_staged("upcycling", UPCYCLING, seed=seed, steps=steps, scale=scale, quick=quick,
                 commands=commands, figures=figures, curves=curves, out=out,
-                title="Sparse upcycling (dotted: the dense checkpoint upcycled)", vline=steps)
+                title="Sparse upcycling (dotted line: the dense checkpoint upcycled)", vline=steps)
   reach = figures["scratch_steps_to_reach_upcycled"]
   lines = [f"| model | eval xent at step {2 * steps} |", "|---|---|"]
   lines += [f"| {label} | {x:.4f} |" for label, x in final.items()]
@@ -623,7 +634,9 @@ def reproduce_upcycling(*, seed: int = 0, steps: int | None = None, scale: str =
             f"nats; vs Switch from scratch: {figures['upcycled_gain_over_scratch']:+.4f}",
             f"- after the same {steps} MoE steps: upcycled {final[_UPCYCLED]:.4f}, scratch "
             f"{scratch_at_steps:.4f}; the scratch MoE reaches the upcycled loss "
-            + (f"at step {reach:.0f}" if reach is not None else f"not within {2 * steps} steps")]
+            + (f"at step {reach:.0f}" if reach is not None else f"not within {2 * steps} steps"),
+            f"- the dense model trained on with a fresh optimizer state: "
+            f"{figures['fresh_optimizer_cost_dense']:+.4f} nats against its full-state run"]
   log("\n".join(lines))
   return report
 
