@@ -493,6 +493,9 @@ DISTILLATION = Claim(
 # The same on span corruption, where the teacher is no better than the dense model.
 DISTILLATION_SPAN = _span(DISTILLATION)
 _STUDENT = "distilled dense student"
+# The control: the same student trained on the targets alone (DISTILLATION_ALPHA=0), so what the
+# teacher's weights bring by themselves is told apart from what its probabilities add.
+_INIT_ONLY = "dense student, teacher's weights, no distillation (alpha 0)"
 # Seed-to-seed spread of one tiny model's final eval loss (sample_efficiency, docs/results.md): a
 # teacher gain below it leaves the share of it a student keeps undefined.
 SEED_SPREAD = 0.013
@@ -500,10 +503,10 @@ SEED_SPREAD = 0.013
 
 def distillation_commands(claim: Claim, seed: int, steps: int, scale: str, quick: bool,
                           runs_dir: str) -> dict[str, tuple[list[str], str, int]]:
-  """label -> (command, MODEL_DIR, final step) of the dense baseline, the Switch teacher and the
-  student: the teacher's model gin with gin/runs/distill.gin, otherwise the baseline's settings
-  and steps, and the teacher's learning-rate schedule continued from its last step (its weights
-  start from there)."""
+  """label -> (command, MODEL_DIR, final step) of the dense baseline, the Switch teacher, the
+  student (the teacher's model gin with gin/runs/distill.gin, otherwise the baseline's settings
+  and steps, and the teacher's learning-rate schedule continued from its last step: its weights
+  start from there) and the student's control without the teacher's probabilities."""
   runs = _baseline_runs(claim, seed, steps, scale, quick, runs_dir)
   teacher_dir = runs[_SWITCH.label][1]
   cmd = _stage_command(claim, _SWITCH, "distill.gin", seed, steps, scale, quick,
@@ -511,6 +514,9 @@ def distillation_commands(claim: Claim, seed: int, steps: int, scale: str, quick
                        f"LEARNING_RATE_START_STEP={steps}")
   student_dir = os.path.join(runs_dir, "distilled_" + os.path.basename(_run_dir(runs_dir, cmd)))
   runs[_STUDENT] = (with_model_dir(cmd, student_dir), student_dir, steps)
+  cmd = [*cmd, "--gin.DISTILLATION_ALPHA=0.0"]
+  control_dir = os.path.join(runs_dir, "distilled_" + os.path.basename(_run_dir(runs_dir, cmd)))
+  runs[_INIT_ONLY] = (with_model_dir(cmd, control_dir), control_dir, steps)
   return runs
 
 
@@ -530,8 +536,10 @@ def reproduce_distillation(name: str = "distillation", *, seed: int = 0,
   gain = final[_DENSE.label] - final[_SWITCH.label]
   kept = final[_DENSE.label] - final[_STUDENT]
   share = kept / gain if gain > SEED_SPREAD else None
+  init_only = final[_DENSE.label] - final[_INIT_ONLY]
   figures = {"final_eval_xent": final, "teacher_gain": gain, "student_gain": kept,
-             "share_of_teacher_gain_kept": share}
+             "share_of_teacher_gain_kept": share, "init_only_gain": init_only,
+             "share_kept_by_init_alone": init_only / gain if gain > SEED_SPREAD else None}
   report = _write_staged(name, claim, seed=seed, steps=steps, scale=scale, quick=quick,
                 commands=commands, figures=figures, curves=curves, out=out,
                 title=claim.title + (f": student keeps {share:.0%} of the teacher's gain"
@@ -542,7 +550,8 @@ def reproduce_distillation(name: str = "distillation", *, seed: int = 0,
   lines += ["", f"- teacher's gain over dense: {gain:+.4f} nats; student's: {kept:+.4f} nats; "
             + (f"share kept: {share:.0%}" if share is not None else
                f"share kept: undefined (the teacher's gain is not above the seed-to-seed "
-               f"spread, {SEED_SPREAD})")]
+               f"spread, {SEED_SPREAD})"),
+            f"- without the teacher's probabilities (alpha 0): {init_only:+.4f} nats"]
   log("\n".join(lines))
   return report
 

@@ -176,8 +176,9 @@ def test_bad_distillation_settings_are_one_line(teacher_dir, tmp_path, capsys):
 
 
 def test_reproduce_distillation_quick(tmp_path):
-  """scripts/reproduce.py distillation --quick: dense, teacher and student runs through the CLI,
-  the student trained from the teacher's run, the JSON report and the plot."""
+  """scripts/reproduce.py distillation --quick: dense, teacher, student and the student's
+  control (alpha 0) runs through the CLI, the student trained from the teacher's run, the JSON
+  report and the plot."""
   sys.path.insert(0, os.path.join(ROOT, "scripts"))
   import reproduce  # pylint: disable=import-outside-toplevel
   report = reproduce.reproduce_distillation(quick=True, runs_dir=str(tmp_path / "runs"),
@@ -186,12 +187,16 @@ def test_reproduce_distillation_quick(tmp_path):
     saved = json.load(f)
   assert saved["figures"] == json.loads(json.dumps(report["figures"]))
   assert os.path.getsize(tmp_path / "out" / "distillation.png") > 10_000
-  dense, teacher, student = saved["commands"]
+  dense, teacher, student, control = saved["commands"]
   assert "t5_tiny.gin" in dense and "runs/pretrain.gin" in teacher
   teacher_dir = teacher.split("MODEL_DIR=")[1].strip("'\"")
   assert "runs/distill.gin" in student and f"TEACHER_CHECKPOINT='{teacher_dir}'" in student
+  # The control is the student's command with the teacher's weight set to 0.
+  assert "--gin.DISTILLATION_ALPHA=0.0" in control
+  assert control.split("MODEL_DIR=")[0].replace(" --gin.DISTILLATION_ALPHA=0.0", "") == \
+      student.split("MODEL_DIR=")[0]
   final = saved["figures"]["final_eval_xent"]
-  assert all(np.isfinite(v) for v in final.values()) and len(final) == 3
+  assert all(np.isfinite(v) for v in final.values()) and len(final) == 4
   assert saved["figures"]["teacher_gain"] == pytest.approx(
       final["dense T5"] - final["Switch"])
   student_dir = student.split("MODEL_DIR=")[1].strip("'\"")
