@@ -393,20 +393,30 @@ def reproduce(name: str, *, seeds: Sequence[int] | None = None, steps: int | Non
     commands.append(display_command(cmd))
     seconds = run_one(cmd, model_dir, steps)
     results.setdefault(variant.label, []).append(run_summary(model_dir, seconds))
+  report, stem = _save_report(name, claim, seeds=seeds, steps=steps, scale=scale, quick=quick,
+                              commands=commands, figures=figures(claim, results), runs=results,
+                              out=out)
+  plot(claim, results, stem + ".png")
+  log(table(name, report))
+  return report
+
+
+def _save_report(name: str, claim: Claim, *, seeds: Sequence[int], steps: int, scale: str,
+                 quick: bool, commands: list[str], figures: dict[str, Any], runs: dict,
+                 out: str) -> tuple[dict[str, Any], str]:
+  """Writes <out>/<name>.json (<name>_<scale> off the tiny scale); returns it and the path stem
+  for the plot."""
   report = {
       "claim": name, "title": claim.title, "paper": claim.paper, "task": claim.task,
       "steps": steps, "seeds": list(seeds), "scale": "tiny" if quick else scale, "quick": quick,
       "python_version": platform.python_version(), "machine": platform.machine(),
-      "cpu_count": os.cpu_count(), "commands": commands,
-      "figures": figures(claim, results), "runs": results,
+      "cpu_count": os.cpu_count(), "commands": commands, "figures": figures, "runs": runs,
   }
   os.makedirs(out, exist_ok=True)
   stem = os.path.join(out, name if scale == "tiny" or quick else f"{name}_{scale}")
   with open(stem + ".json", "w") as f:
     json.dump(report, f, indent=1)
-  plot(claim, results, stem + ".png")
-  log(table(name, report))
-  return report
+  return report, stem
 
 
 # ---- two-stage claims: distillation (Switch Sec. 5) and sparse upcycling ---------------------
@@ -428,8 +438,8 @@ def _baseline_runs(claim: Claim, seed: int, steps: int, scale: str, quick: bool,
   runs = {}
   for variant in claim.variants:
     cmd = train_command(claim, variant, seed, steps, scale, quick)
-    runs[variant.label] = (with_model_dir(cmd, _run_dir(runs_dir, cmd)),
-                           _run_dir(runs_dir, cmd), steps)
+    model_dir = _run_dir(runs_dir, cmd)
+    runs[variant.label] = (with_model_dir(cmd, model_dir), model_dir, steps)
   return runs
 
 
@@ -458,16 +468,8 @@ def _write_staged(name: str, claim: Claim, *, seed: int, steps: int, scale: str,
                   out: str, title: str, vline: int | None = None) -> dict[str, Any]:
   """<out>/<name>.json (as reproduce()'s) and .png (every eval curve; vline: where the second
   stage starts)."""
-  report = {"claim": name, "title": claim.title, "paper": claim.paper,
-            "task": claim.task, "steps": steps, "seeds": [seed],
-            "scale": "tiny" if quick else scale, "quick": quick,
-            "python_version": platform.python_version(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "commands": commands, "figures": figures,
-            "runs": curves}
-  os.makedirs(out, exist_ok=True)
-  stem = os.path.join(out, name if scale == "tiny" or quick else f"{name}_{scale}")
-  with open(stem + ".json", "w") as f:
-    json.dump(report, f, indent=1)
+  report, stem = _save_report(name, claim, seeds=[seed], steps=steps, scale=scale, quick=quick,
+                              commands=commands, figures=figures, runs=curves, out=out)
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
