@@ -167,3 +167,44 @@ def scale_by_adafactor(param_axes: PyTree, *, rules: Mapping[str, str] = FACTOR_
                                                  **trees)
 
   return optax.GradientTransformation(init, update)
+
+
+# --- sparse upcycling: an expert weight's statistics from its dense kernel's ------------------
+
+
+def second_moment(v_row: jax.Array, v_col: jax.Array, v: jax.Array,
+                  shape: Sequence[int]) -> jax.Array:
+  """A rank <= 2 param's second-moment estimate [shape] from its statistics: v when kept whole,
+  else Adafactor's rank-1 estimate v_row (x) v_col / mean(v_row). Such a param always has the
+  classic factoring (its two dims by size), whatever its names (see `factoring`)."""
+  if tuple(v.shape) == tuple(shape) or len(shape) < 2:
+    return v
+  if len(shape) > 2:
+    raise ValueError(f"second_moment takes params of rank <= 2, not {tuple(shape)}")
+  f = factoring(shape, None, min_dim_size_to_factor=1)
+  return (jnp.expand_dims(v_row, f.cols) * jnp.expand_dims(v_col, f.rows)
+          / jnp.mean(v_row))
+
+
+def tiled_statistics(v: jax.Array, num_experts: int, axes: Sequence[str | None],
+                     fresh: Mapping[str, jax.Array], *, name: str = ""
+                     ) -> dict[str, jax.Array]:
+  """{'v_row', 'v_col', 'v'} of an expert weight [e, ...] whose experts all start from one dense
+  kernel [...] with second moment `v` (second_moment), as `init` shapes them for its logical
+  axes under FACTOR_RULES: e copies of v's means over the column dims and over the row dims
+  (or of v itself when not factored). fresh: the statistics `init` made for it, whose shapes
+  say whether it is factored; a shape that FACTOR_RULES do not explain raises ValueError."""
+  shape = (num_experts, *v.shape)
+  factored = tuple(fresh["v"].shape) == (1,) and len(shape) > 1
+  f = factoring(shape, tuple(axes), factored=factored, name=name)
+  tiled = jnp.broadcast_to(v[None], shape)
+  placeholder = jnp.zeros((1,), jnp.float32)
+  out = ({"v_row": jnp.mean(tiled, axis=f.cols), "v_col": jnp.mean(tiled, axis=f.rows),
+          "v": placeholder} if f.factored else
+         {"v_row": placeholder, "v_col": placeholder, "v": tiled})
+  for key, value in out.items():
+    if value.shape != fresh[key].shape:
+      raise ValueError(f"adafactor {key} of {name or shape} has shape {fresh[key].shape}, not "
+                       f"{value.shape} as FACTOR_RULES give: optimizer state upcycling takes "
+                       "the default factor rules")
+  return out

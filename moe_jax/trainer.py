@@ -206,7 +206,8 @@ class Trainer:
     boxed = jax.eval_shape(lambda r: model.get_initial_variables(r, self.input_shapes),
                            jax.random.PRNGKey(0))
     # Eval and inference build a Trainer without an optimizer (no train_step then).
-    tx = optimizer(nn.get_partition_spec(boxed)["params"]) if optimizer else optax.identity()
+    self.param_axes = nn.get_partition_spec(boxed)["params"]  # logical names, PartitionSpecs
+    tx = optimizer(self.param_axes) if optimizer else optax.identity()
     self.optimizer = (optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
                       if grad_clip_norm else tx)
     self.params_shardings = partitioner.params_shardings(boxed)["params"]
@@ -226,8 +227,8 @@ class Trainer:
 
   # -- state ------------------------------------------------------------------------------------
 
-  def compile_init(self, *, params: PyTree | None = None, dense: PyTree | None = None
-                   ) -> jax.stages.Compiled:
+  def compile_init(self, *, params: PyTree | None = None, dense: PyTree | None = None,
+                   dense_opt_state: PyTree | None = None) -> jax.stages.Compiled:
     """The compiled start of a run: (rng, step[, params or dense]) -> TrainState (its params
     None when given: they are the caller's).
 
@@ -240,16 +241,22 @@ class Trainer:
       params: given params (restored for fine-tuning), fresh optimizer state.
       dense: a dense model's params (orbax_utils.restore_for_upcycle): sparse upcycling; the
         fresh init supplies only the leaves they lack (routers), XLA drops the rest.
+      dense_opt_state: with dense, the dense run's optimizer state as stored
+        (orbax_utils.restore_opt_state_for_upcycle), carried over (upcycle_opt_state).
     """
     if params is not None and dense is not None:
       raise ValueError("compile_init takes params or dense params, not both")
-    signature = (params is not None, jax.tree.structure((params, dense)),
-                 tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves((params, dense))))
+    if dense_opt_state is not None and dense is None:
+      raise ValueError("compile_init takes dense_opt_state only with dense params")
+    trees = (params, dense, dense_opt_state)
+    signature = (params is not None, jax.tree.structure(trees),
+                 tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(trees)))
     if signature not in self._compiled_init:
-      self._compiled_init[signature] = self._compile_init(params, dense)
+      self._compiled_init[signature] = self._compile_init(*trees)
     return self._compiled_init[signature]
 
-  def _compile_init(self, params: PyTree | None, dense: PyTree | None) -> jax.stages.Compiled:
+  def _compile_init(self, params: PyTree | None, dense: PyTree | None,
+                    dense_opt_state: PyTree | None) -> jax.stages.Compiled:
     sources = None if dense is None else orbax_utils.upcycle_sources(dense, self.abstract_params)
 
     def init(rng, step, *given):
@@ -259,10 +266,14 @@ class Trainer:
       new_params = nn.unbox(self.model.get_initial_variables(rng, self.input_shapes))["params"]
       if dense is not None:
         new_params = orbax_utils.upcycle_params(given[0], new_params, sources)
-      return TrainState(step=step, params=new_params, opt_state=self.optimizer.init(new_params),
+      opt_state = self.optimizer.init(new_params)
+      if dense_opt_state is not None:
+        opt_state = orbax_utils.upcycle_opt_state(given[1], opt_state, new_params,
+                                                  self.param_axes, sources)
+      return TrainState(step=step, params=new_params, opt_state=opt_state,
                         rng=rng, nonfinite_streak=jnp.zeros((), jnp.int32))
     given = [jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          tree) for tree in (params, dense) if tree is not None]
+                          tree) for tree in (params, dense, dense_opt_state) if tree is not None]
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=self.replicated)
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
     out_shardings = self.state_shardings
@@ -290,10 +301,16 @@ class Trainer:
     """A train state around given (sharded) params with a fresh optimizer state (finetune)."""
     return self._start(seed, step, params, params=params).replace(params=params)
 
-  def upcycle_state(self, dense: PyTree, seed: int) -> TrainState:
-    """Sparse upcycling: step 0 from a dense model's params (orbax_utils.restore_for_upcycle),
-    fresh routers and optimizer state, every leaf created in its sharding (compile_init)."""
-    return self._start(seed, 0, dense, dense=dense)
+  def upcycle_state(self, dense: PyTree, seed: int, dense_opt_state: PyTree | None = None
+                    ) -> TrainState:
+    """Sparse upcycling: step 0 from a dense model's params (orbax_utils.restore_for_upcycle)
+    and fresh routers; the dense run's optimizer state carried over when given
+    (orbax_utils.restore_opt_state_for_upcycle), else a fresh one. Every leaf is created in its
+    sharding (compile_init)."""
+    if dense_opt_state is None:
+      return self._start(seed, 0, dense, dense=dense)
+    return self._start(seed, 0, dense, dense_opt_state, dense=dense,
+                       dense_opt_state=dense_opt_state)
 
   def state_from_items(self, params: PyTree, train_state: Mapping[str, Any]) -> TrainState:
     """A TrainState from params and the orbax 'train_state' item (step, rng, opt_state)."""
@@ -581,12 +598,24 @@ def _restore_or_init(trainer: Trainer, it, *, model_dir: str, seed: int,
 
   ckpt_dir, ckpt_step = orbax_utils.resolve_path(initial_checkpoint_path)
   source = orbax_utils.step_dir(ckpt_dir, ckpt_step)
-  if initial_checkpoint_mode == "upcycle":
+  if initial_checkpoint_mode in ("upcycle", "upcycle_params"):
     dense, sources = orbax_utils.restore_for_upcycle(source, trainer.abstract_params)
     report = orbax_utils.upcycle_report(sources, trainer.abstract_params)
-    logging.info("sparse upcycling from %s: %d copied, %d expert weights tiled, fresh: %s",
-                 source, len(report["copied"]), len(report["tiled"]), report["fresh"])
-    return trainer.upcycle_state(dense, seed), source, False
+    dense_opt = None
+    if initial_checkpoint_mode == "upcycle":
+      target, _ = orbax_utils.upcycle_target(dense, trainer.abstract_params)
+      dense_opt = orbax_utils.restore_opt_state_for_upcycle(source, target)
+    logging.info("sparse upcycling from %s: %d copied, %d expert weights tiled, fresh: %s; "
+                 "optimizer state %s", source, len(report["copied"]), len(report["tiled"]),
+                 report["fresh"], "fresh" if dense_opt is None else "carried over")
+    try:
+      return trainer.upcycle_state(dense, seed, dense_opt), source, False
+    except ValueError as e:  # upcycle_opt_state's, raised while tracing: nothing compiled yet
+      if dense_opt is None:
+        raise
+      raise validation.SettingError(
+          "OPTIMIZER", f"{e}; upcycle with the dense run's optimizer, or with "
+          "INITIAL_CHECKPOINT_MODE='upcycle_params' (a fresh optimizer state)") from None
 
   reader = orbax_utils.read_only_manager(ckpt_dir)
   has_train_state = (epath.Path(source) / "train_state").is_dir()
@@ -720,8 +749,11 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
     initial_checkpoint_path: used when MODEL_DIR has no checkpoint: a checkpoint_<step> dir or
       a model dir (latest step) [INITIAL_CHECKPOINT_PATH].
     initial_checkpoint_mode: 'full' (params, optimizer state, step, rng; params only when the
-      checkpoint has no optimizer state), 'params' (params and step, fresh optimizer), or
-      'upcycle' (a dense checkpoint -> this MoE model, step 0; see Trainer.upcycle_state).
+      checkpoint has no optimizer state), 'params' (params and step, fresh optimizer),
+      'upcycle' (a dense checkpoint -> this MoE model at step 0 with the dense run's optimizer
+      state, as the paper does; a fresh one when the checkpoint has none; see
+      Trainer.upcycle_state) or 'upcycle_params' (the same with a fresh optimizer state)
+      [INITIAL_CHECKPOINT_MODE in sparse_upcycle.gin].
     restore_dataset: also restore the data position from initial_checkpoint_path.
     stats_period: steps per summary (TensorBoard, metrics.jsonl, progress bar loss).
     eval_period, eval_steps, eval_split: eval every N steps (0: never) on the first
@@ -755,7 +787,7 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
   validation.integer("EVAL_STEPS", eval_steps, minimum=1, allow_none=jax.process_count() == 1)
   validation.number("GRAD_CLIP_NORM", grad_clip_norm, positive=True, allow_none=True)
   validation.choice("initial_checkpoint_mode", initial_checkpoint_mode,
-                    ("full", "params", "upcycle"))
+                    ("full", "params", "upcycle", "upcycle_params"))
   validation.choice("checkpoint_params_dtype", checkpoint_params_dtype,
                     (None, "float32", "bfloat16", "float16"))
   validation.schedule(learning_rate_fn, total_steps)
@@ -770,7 +802,7 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
   trainer = Trainer(model, partitioner, shapes, optimizer, num_microbatches=num_microbatches,
                     grad_clip_norm=grad_clip_norm, max_nonfinite_skips=max_nonfinite_skips,
                     frozen_params=teacher_params)
-  if initial_checkpoint_path and initial_checkpoint_mode != "upcycle":
+  if initial_checkpoint_path and not initial_checkpoint_mode.startswith("upcycle"):
     _check_checkpoint("INITIAL_CHECKPOINT_PATH", initial_checkpoint_path, trainer)
 
   model_dir = orbax_utils.absolute(model_dir)

@@ -566,8 +566,9 @@ UPCYCLING = Claim(
 _DENSE_ON = "dense T5, trained on"
 _SCRATCH_ON = "Switch from scratch"
 _UPCYCLED = "Switch upcycled from the dense checkpoint"
-# The control for the upcycled run's fresh optimizer state: the dense model trained on from its
-# checkpoint's params and step, with a fresh Adafactor state (initial_checkpoint_mode 'params').
+# Upcycling without the dense run's optimizer state, and its control: the dense model trained on
+# from its checkpoint's params and step with a fresh Adafactor state (mode 'params').
+_UPCYCLED_FRESH = "Switch upcycled, fresh optimizer state"
 _DENSE_FRESH = "dense T5, trained on with a fresh optimizer state"
 
 
@@ -577,9 +578,10 @@ def upcycling_commands(seed: int, steps: int, scale: str, quick: bool, runs_dir:
   (sample_efficiency's). Stage 2, `steps` more each: both continued from their checkpoints
   (gin/runs/continue_pretrain.gin: state, step and data position restored, so each curve is the
   run trained for 2x steps), and the dense checkpoint upcycled (gin/runs/sparse_upcycle.gin:
-  experts copied from the dense MLP, fresh routers and optimizer state, the dense run's
-  learning-rate schedule continued from its last step). The control: the dense model trained on
-  from its params and step alone, with a fresh optimizer state as the upcycled run has."""
+  experts copied from the dense MLP, fresh routers, the dense run's optimizer state and
+  learning-rate schedule continued from its last step). Then the same upcycling with a fresh
+  optimizer state, and its control: the dense model trained on from its params and step alone,
+  with a fresh optimizer state."""
   claim = UPCYCLING
   stage1 = _baseline_runs(claim, seed, steps, scale, quick, runs_dir)
   runs = {}
@@ -592,10 +594,12 @@ def upcycling_commands(seed: int, steps: int, scale: str, quick: bool, runs_dir:
     runs[label] = (with_model_dir(cmd, _run_dir(runs_dir, cmd)), _run_dir(runs_dir, cmd),
                    2 * steps)
   source = os.path.join(stage1[_DENSE.label][1], f"checkpoint_{steps}")
-  cmd = _stage_command(claim, _SWITCH, "sparse_upcycle.gin", seed, steps, scale, quick,
-                       f"INITIAL_CHECKPOINT_PATH='{source}'", f"LEARNING_RATE_START_STEP={steps}")
-  upcycled_dir = os.path.join(runs_dir, "upcycled_" + os.path.basename(_run_dir(runs_dir, cmd)))
-  runs[_UPCYCLED] = (with_model_dir(cmd, upcycled_dir), upcycled_dir, steps)
+  for label, mode in ((_UPCYCLED, "upcycle"), (_UPCYCLED_FRESH, "upcycle_params")):
+    cmd = _stage_command(claim, _SWITCH, "sparse_upcycle.gin", seed, steps, scale, quick,
+                         f"INITIAL_CHECKPOINT_PATH='{source}'",
+                         f"LEARNING_RATE_START_STEP={steps}", f"INITIAL_CHECKPOINT_MODE='{mode}'")
+    upcycled_dir = os.path.join(runs_dir, "upcycled_" + os.path.basename(_run_dir(runs_dir, cmd)))
+    runs[label] = (with_model_dir(cmd, upcycled_dir), upcycled_dir, steps)
   cmd = _stage_command(claim, _DENSE, "continue_pretrain.gin", seed, steps, scale, quick,
                        f"TRAIN_STEPS={2 * steps}", f"INITIAL_CHECKPOINT_PATH='{source}'",
                        "trainer.train.initial_checkpoint_mode='params'")
@@ -614,15 +618,16 @@ def reproduce_upcycling(*, seed: int = 0, steps: int | None = None, scale: str =
   steps = steps or (60 if quick else UPCYCLING.steps)
   curves, commands = _train_stages(
       "upcycling", upcycling_commands(seed, steps, scale, quick, runs_dir))
-  up = curves[_UPCYCLED]
-  up["eval_steps"] = [steps + s for s in up["eval_steps"]]
+  for label in (_UPCYCLED, _UPCYCLED_FRESH):
+    curves[label]["eval_steps"] = [steps + s for s in curves[label]["eval_steps"]]
   # Each continued curve is its stage-1 curve followed by the continuation.
   for label, on in ((_DENSE_ON, _DENSE.label), (_SCRATCH_ON, _SWITCH.label)):
     first = curves.pop(on)
     curves[label] = {"eval_steps": first["eval_steps"] + curves[label]["eval_steps"],
                      "eval_xent": first["eval_xent"] + curves[label]["eval_xent"],
                      "train_seconds": [first["train_seconds"], curves[label]["train_seconds"]]}
-  curves = {label: curves[label] for label in (_DENSE_ON, _SCRATCH_ON, _UPCYCLED, _DENSE_FRESH)}
+  curves = {label: curves[label]
+            for label in (_DENSE_ON, _SCRATCH_ON, _UPCYCLED, _UPCYCLED_FRESH, _DENSE_FRESH)}
   final = {label: c["eval_xent"][-1] for label, c in curves.items()}
   scratch = curves[_SCRATCH_ON]
   scratch_at_steps = scratch["eval_xent"][scratch["eval_steps"].index(steps)]
@@ -630,7 +635,8 @@ def reproduce_upcycling(*, seed: int = 0, steps: int | None = None, scale: str =
       "final_eval_xent": final,
       "upcycled_gain_over_dense": final[_DENSE_ON] - final[_UPCYCLED],
       "upcycled_gain_over_scratch": final[_SCRATCH_ON] - final[_UPCYCLED],
-      # What a fresh optimizer state alone costs the dense model (its params and step kept).
+      # What a fresh optimizer state alone costs, upcycled and dense (params and step kept).
+      "fresh_optimizer_cost_upcycled": final[_UPCYCLED_FRESH] - final[_UPCYCLED],
       "fresh_optimizer_cost_dense": final[_DENSE_FRESH] - final[_DENSE_ON],
       "scratch_eval_xent_after_same_moe_steps": scratch_at_steps,
       "scratch_steps_to_reach_upcycled": steps_to_reach(
@@ -646,8 +652,9 @@ def reproduce_upcycling(*, seed: int = 0, steps: int | None = None, scale: str =
             f"- after the same {steps} MoE steps: upcycled {final[_UPCYCLED]:.4f}, scratch "
             f"{scratch_at_steps:.4f}; the scratch MoE reaches the upcycled loss "
             + (f"at step {reach:.0f}" if reach is not None else f"not within {2 * steps} steps"),
-            f"- the dense model trained on with a fresh optimizer state: "
-            f"{figures['fresh_optimizer_cost_dense']:+.4f} nats against its full-state run"]
+            f"- a fresh optimizer state costs the upcycled model "
+            f"{figures['fresh_optimizer_cost_upcycled']:+.4f} nats, the dense model trained on "
+            f"{figures['fresh_optimizer_cost_dense']:+.4f}"]
   log("\n".join(lines))
   return report
 

@@ -57,15 +57,15 @@ def test_load_balance_quick_evens_the_expert_load(tmp_path):
 
 
 def test_upcycling_quick_trains_on_from_the_stage_one_checkpoints(tmp_path):
-  # Six real 20-step runs through the CLI: dense and Switch, both trained on from their
-  # checkpoints, the dense checkpoint upcycled, and the dense model trained on from its params
-  # alone (a fresh optimizer state, as the upcycled model has).
+  # Seven real 20-step runs through the CLI: dense and Switch, both trained on from their
+  # checkpoints, the dense checkpoint upcycled with its optimizer state and with a fresh one,
+  # and the dense model trained on from its params alone (a fresh optimizer state).
   report = reproduce.reproduce_upcycling(steps=20, quick=True, runs_dir=str(tmp_path / "runs"),
                                          out=str(tmp_path / "out"), log=lambda _: None)
   saved = json.load(open(tmp_path / "out" / "upcycling.json"))
   assert saved["figures"] == json.loads(json.dumps(report["figures"]))
   assert os.path.getsize(tmp_path / "out" / "upcycling.png") > 10_000
-  dense, dense_on, switch, switch_on, upcycled, dense_fresh = saved["commands"]
+  dense, dense_on, switch, switch_on, upcycled, upcycled_fresh, dense_fresh = saved["commands"]
   model_dir = lambda cmd: cmd.split("MODEL_DIR=")[1].strip("'\"")  # noqa: E731
   for first, on in ((dense, dense_on), (switch, switch_on)):
     assert "runs/pretrain.gin" in first and "runs/continue_pretrain.gin" in on
@@ -75,6 +75,10 @@ def test_upcycling_quick_trains_on_from_the_stage_one_checkpoints(tmp_path):
   assert "runs/sparse_upcycle.gin" in upcycled
   assert f"INITIAL_CHECKPOINT_PATH='{model_dir(dense)}/checkpoint_20'" in upcycled
   assert "LEARNING_RATE_START_STEP=20" in upcycled
+  assert "INITIAL_CHECKPOINT_MODE='upcycle'" in upcycled
+  assert upcycled_fresh == upcycled.replace("INITIAL_CHECKPOINT_MODE='upcycle'",
+                                            "INITIAL_CHECKPOINT_MODE='upcycle_params'").replace(
+      model_dir(upcycled), model_dir(upcycled_fresh))
   assert "runs/continue_pretrain.gin" in dense_fresh and "t5_tiny.gin" in dense_fresh
   assert f"INITIAL_CHECKPOINT_PATH='{model_dir(dense)}/checkpoint_20'" in dense_fresh
   assert "initial_checkpoint_mode='params'" in dense_fresh
@@ -83,11 +87,12 @@ def test_upcycling_quick_trains_on_from_the_stage_one_checkpoints(tmp_path):
     with open(os.path.join(model_dir(cmd), "metrics.jsonl")) as f:
       return [r["step"] for r in map(json.loads, f) if r["split"] == "train"]
   assert train_steps(dense_on)[0] == 21  # the step was restored: trained on
-  assert train_steps(upcycled)[0] == 1  # a new model: its step starts again
+  assert train_steps(upcycled)[0] == train_steps(upcycled_fresh)[0] == 1  # a new model
   assert train_steps(dense_fresh)[0] == 21  # params and step restored, not the optimizer
   runs = saved["runs"]
   assert list(runs) == ["dense T5, trained on", "Switch from scratch",
                         "Switch upcycled from the dense checkpoint",
+                        "Switch upcycled, fresh optimizer state",
                         "dense T5, trained on with a fresh optimizer state"]
   for label in list(runs)[:2]:
     assert runs[label]["eval_steps"] == list(range(2, 41, 2))

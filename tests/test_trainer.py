@@ -204,18 +204,29 @@ def test_finetune_from_an_explicit_checkpoint(pretrained, tmp_path):
   assert all(np.isfinite(r["loss"]) for r in rows)
 
 
-def test_sparse_upcycle_from_a_dense_checkpoint(shared_root, tmp_path):
+def test_sparse_upcycle_from_a_dense_checkpoint(shared_root, tmp_path, capsys):
   def build(model_dir):
-    # TRAIN_STEPS=0 stores the freshly initialized dense model as checkpoint_0.
     _run([DENSE, "--gin_file=gin/runs/pretrain.gin", *SMALL, f'--gin.MODEL_DIR="{model_dir}"',
-          "--gin.TRAIN_STEPS=0"])
-  dense_dir = _build_once(str(shared_root / "t5_tiny_init"), build)
-  up = _run([SWITCH, "--gin_file=gin/runs/sparse_upcycle.gin", *SMALL,
-             f'--gin.MODEL_DIR="{tmp_path}"', f'--gin.INITIAL_CHECKPOINT_PATH="{dense_dir}"',
-             "--gin.TRAIN_STEPS=0"])
+          "--gin.TRAIN_STEPS=2"])
+  dense_dir = _build_once(str(shared_root / "t5_tiny_2steps"), build)
+  upcycle = [SWITCH, "--gin_file=gin/runs/sparse_upcycle.gin", *SMALL,
+             f'--gin.INITIAL_CHECKPOINT_PATH="{dense_dir}"', "--gin.TRAIN_STEPS=0"]
+  # The dense run's optimizer state must fit this run's optimizer: one line, nothing saved.
+  with pytest.raises(SystemExit) as exit_info:
+    train.main([*upcycle, f'--gin.MODEL_DIR="{tmp_path}/adamw"', "--gin.OPTIMIZER=@trainer.adamw"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+      "moe_jax.train: error: OPTIMIZER: the dense checkpoint's optimizer state has no 0/mu/")
+  assert orbax_utils.latest_steps(f"{tmp_path}/adamw") == []
+  up = _run([*upcycle, f'--gin.MODEL_DIR="{tmp_path}"'])
   assert up.step == 0 and orbax_utils.latest_steps(str(tmp_path)) == [0]
-  dense = _params(f"{dense_dir}/checkpoint_0")
+  dense = _params(f"{dense_dir}/checkpoint_2")
   moe = _params(f"{tmp_path}/checkpoint_0")
+  # The optimizer state is carried over (values: tests/test_upcycle.py): Adafactor's count goes
+  # on from the dense run's 2 steps while the run's own step starts at 0.
+  opt_count = lambda d: int(ocp.StandardCheckpointer().restore(  # noqa: E731
+      f"{d}/train_state")["opt_state"][0]["count"])
+  assert opt_count(f"{dense_dir}/checkpoint_2") == opt_count(f"{tmp_path}/checkpoint_0") == 2
   for stack in ("encoder", "decoder"):
     for name in ("wi", "wo"):
       experts = moe[f"{stack}/layers_1/mlp/{name}"]

@@ -128,11 +128,16 @@ def _check_bound(tr, state_or_params, watched, compiled=None):
 
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory):
-  """A real orbax checkpoint of a freshly initialized t5_tiny, params stored in bfloat16."""
+  """A real orbax checkpoint of t5_tiny after 2 train steps, params stored in bfloat16."""
   path = str(tmp_path_factory.mktemp("dense"))
   tr = trainer.Trainer(_model("t5_tiny.gin"), partitioning.Partitioner(), SHAPES,
                        trainer.adafactor)
   state = tr.init_state(seed=1)
+  rng = np.random.default_rng(0)
+  batch = {k: (np.ones(s, np.float32) if "weights" in k else rng.integers(1, 256, s))
+           for k, s in SHAPES.items()}
+  for _ in range(2):
+    state, _ = tr.train_step(state, batch, 0.01)
   manager = orbax_utils.make_manager(path)
   orbax_utils.save(manager, 0, params=state.params, data_state={}, params_dtype=jnp.bfloat16,
                    train_state={"step": state.step, "rng": state.rng,
@@ -176,6 +181,22 @@ def test_upcycling_creates_each_expert_on_its_own_devices(dense_dir, mesh_shape,
       np.testing.assert_array_equal(np.asarray(value), dense[key], err_msg=key)
   assert {k for k in params if k not in dense and k not in tiled} == {
       f"{s}/layers_1/mlp/router/w" for s in ("encoder", "decoder")}
+  # The dense run's Adafactor state carried over: its step count, the copied params' statistics,
+  # each expert's those of its dense kernel (factored alike here: [m] rows, [h] columns).
+  stored_opt = ocp.StandardCheckpointer().restore(f"{dense_dir}/checkpoint_0/train_state")
+  want = _flat(stored_opt["opt_state"][0])
+  got = _flat(state.opt_state[0]._asdict())
+  assert int(got["count"]) == int(want["count"]) == 2
+  for key, value in got.items():
+    param = key.split("/", 1)[-1]
+    if param in tiled and not key.startswith("v/"):  # v: a [1] placeholder (factored)
+      assert value.sharding.spec[0] == "expert"
+      np.testing.assert_allclose(np.asarray(value),
+                                 np.tile(want[key][None], (NUM_EXPERTS, 1)), rtol=1e-5)
+    elif key in want:
+      np.testing.assert_array_equal(np.asarray(value), want[key], err_msg=key)
+  assert all(np.asarray(got[f"{k}/{s}/layers_1/mlp/router/w"]).max() == 0
+             for k in ("v_row", "v_col", "v") for s in ("encoder", "decoder"))
 
 
 def test_restart_finetune_and_eval_restores_stay_sharded(dense_dir, tmp_path):
@@ -245,3 +266,56 @@ def test_upcycle_target_shards_dense_kernels_like_their_experts():
   assert "unused" not in target
   with pytest.raises(ValueError, match="found no dense MLP kernel"):
     orbax_utils.upcycle_target({"norm": stored["norm"]}, moe)
+
+
+@pytest.mark.parametrize("m,h", [(128, 256), (128, 128), (16, 24)])
+def test_upcycled_optimizer_state_is_the_moe_optimizers_after_the_dense_gradients(m, h):
+  """Reference: the MoE model's own Adafactor, run from step 0 on the dense run's gradients
+  given to every expert, holds the statistics the upcycled state must start with, and takes
+  the same next step. (128, 256): dense and expert kernels factored alike; (128, 128): the
+  square wo's dense factoring has rows and columns swapped against the expert's; (16, 24): the
+  dense kernels are too small to factor, the experts are factored (they have a batch dim)."""
+  e, steps = 4, 3
+  rng = np.random.default_rng(0)
+  dense_axes = {"mlp": {"wi": P("embed", "mlp"), "wo": P("mlp", "embed")}, "norm": P("embed")}
+  moe_axes = {"mlp": {"wi": P("expert", "embed", "expert_mlp"),
+                      "wo": P("expert", "expert_mlp", "embed"),
+                      "router": {"w": P("embed", "unmodeled")}}, "norm": P("embed")}
+  normal = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+  dense = {"mlp": {"wi": normal(m, h), "wo": normal(h, m)}, "norm": normal(m)}
+  tile = lambda x: jnp.broadcast_to(x[None], (e, *x.shape))  # noqa: E731
+  as_moe = lambda d: {"mlp": {"wi": tile(d["mlp"]["wi"]), "wo": tile(d["mlp"]["wo"]),  # noqa: E731
+                              "router": {"w": jnp.zeros((m, e))}}, "norm": d["norm"]}
+  grads = [jax.tree.map(lambda x: normal(*x.shape), dense) for _ in range(steps + 1)]
+  dense_tx, moe_tx = trainer.adafactor(dense_axes), trainer.adafactor(moe_axes)
+  dense_state, moe_state = dense_tx.init(dense), moe_tx.init(as_moe(dense))
+  for g in grads[:steps]:
+    _, dense_state = dense_tx.update(g, dense_state, dense)
+    _, moe_state = moe_tx.update(as_moe(g), moe_state, as_moe(dense))
+  assert [leaf.shape for leaf in jax.tree.leaves(dense_state)] != [
+      leaf.shape[1:] for leaf in jax.tree.leaves(moe_state)]  # not a plain tiling
+
+  moe = as_moe(dense)
+  sources = orbax_utils.upcycle_sources(dense, moe)
+  upcycled = jax.jit(lambda d, f, p: orbax_utils.upcycle_opt_state(d, f, p, moe_axes, sources))(
+      dense_state, moe_tx.init(moe), moe)
+  want, got = _flat(moe_state[0]._asdict()), _flat(upcycled[0]._asdict())
+  assert int(got["count"]) == steps
+  for key, value in want.items():
+    if "router" not in key:
+      np.testing.assert_allclose(got[key], value, rtol=1e-5, err_msg=key)
+  next_want, _ = moe_tx.update(as_moe(grads[-1]), moe_state, moe)
+  next_got, _ = moe_tx.update(as_moe(grads[-1]), upcycled, moe)
+  for key, value in _flat(next_want).items():
+    if "router" not in key:
+      np.testing.assert_allclose(_flat(next_got)[key], value, rtol=1e-5, err_msg=key)
+  dense_next, _ = dense_tx.update(grads[-1], dense_state, dense)
+  if (m, h) != (16, 24):  # the same factoring: each expert takes the dense model's step
+    for name in ("wi", "wo"):
+      for j in range(e):
+        np.testing.assert_allclose(_flat(next_got)[f"mlp/{name}"][j], dense_next["mlp"][name],
+                                   rtol=1e-5, atol=1e-7)
+
+  adamw = trainer.adamw(dense_axes).init(dense)
+  with pytest.raises(ValueError, match="trained with another optimizer"):
+    orbax_utils.upcycle_opt_state(adamw, moe_tx.init(moe), moe, moe_axes, sources)

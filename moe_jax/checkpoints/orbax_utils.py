@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moe_jax import adafactor as adafactor_lib
+
 STEP_PREFIX = "checkpoint"
 ITEMS = ("params", "train_state", "data")  # every complete checkpoint has these
 MODEL_ITEM = "model"
@@ -276,6 +278,111 @@ def restore_for_upcycle(path: str, abstract_moe_params: Any) -> tuple[Any, Upcyc
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                 partial_restore=True)
   return ocp.PyTreeCheckpointer().restore(item, args=args), sources
+
+
+def _names(path: tuple[Any, ...]) -> tuple[str, ...]:
+  """A jax key path as the names orbax stores it under (dict keys, fields, list indices)."""
+  return tuple(str(next(getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a)))
+               for k in path)
+
+
+def _named_leaves(tree: Any) -> dict[tuple[str, ...], Any]:
+  return {_names(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def restore_opt_state_for_upcycle(path: str, dense_target: Any) -> Any | None:
+  """A dense checkpoint's optimizer state as stored (nested dicts and lists), None when it has
+  none (a converted checkpoint). A leaf with the shape of the dense param its path ends with
+  (Adam's moments, a full second moment) is read into that param's sharding in dense_target
+  (upcycle_target), the rest (factored statistics, step counts) replicated."""
+  model_dir, step = resolve_path(path)
+  item = epath.Path(step_dir(model_dir, step)) / "train_state"
+  if not item.is_dir():
+    return None
+  stored = ocp.StandardCheckpointer().metadata(item).item_metadata.tree["opt_state"]
+  params = _named_leaves(dense_target)
+  replicated = NamedSharding(next(iter(params.values())).sharding.mesh, P())
+
+  def target(key_path, leaf):
+    names = _names(key_path)
+    param = next((params[names[i:]] for i in range(len(names)) if names[i:] in params), None)
+    sharding = (param.sharding if param is not None and param.shape == tuple(leaf.shape)
+                else replicated)
+    return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=sharding)
+  target_tree = {"opt_state": jax.tree_util.tree_map_with_path(
+      lambda p, x: target(p[1:], x), stored, is_leaf=lambda x: hasattr(x, "shape"))}
+  args = ocp.args.PyTreeRestore(item=target_tree, partial_restore=True,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                    target_tree))
+  return ocp.PyTreeCheckpointer().restore(item, args=args)["opt_state"]
+
+
+def upcycle_opt_state(dense_opt: Any, fresh_opt: Any, params: Any, param_axes: Any,
+                      sources: UpcycleSources) -> Any:
+  """The upcycled model's optimizer state from the dense model's (jit-traceable): the paper
+  carries the optimizer state over with the weights.
+
+  dense_opt: the dense run's state as stored (restore_opt_state_for_upcycle). fresh_opt: this
+  run's optimizer.init(params); params, param_axes: the upcycled params and their logical axes.
+  A per-param leaf (its path ends with a param's) comes from its source param's state: copied,
+  or for an expert weight e copies of its dense kernel's (Adafactor's factored statistics
+  through the kernel's second moment, adafactor.tiled_statistics); routers keep theirs. Every
+  other leaf (step counts, so Adafactor's decay goes on) is copied. ValueError when the dense
+  state lacks a leaf or has another shape: it was trained with another optimizer.
+  """
+  dense = _named_leaves(dense_opt)
+  axes = {_names(p): tuple(a) for p, a in
+          jax.tree_util.tree_flatten_with_path(param_axes, is_leaf=lambda x: isinstance(x, P))[0]}
+  shapes = {k: v.shape for k, v in _named_leaves(params).items()}
+
+  def stored(names):
+    if names not in dense:
+      raise ValueError(f"the dense checkpoint's optimizer state has no {'/'.join(names)}: "
+                       "it was trained with another optimizer")
+    return dense[names]
+
+  def fit(value, fresh, names):
+    if tuple(value.shape) != tuple(fresh.shape):
+      raise ValueError(f"the dense checkpoint's optimizer state {'/'.join(names)} has shape "
+                       f"{tuple(value.shape)}, this run's {tuple(fresh.shape)}: it was trained "
+                       "with another optimizer")
+    return jnp.asarray(value, fresh.dtype)
+
+  def adafactor_state(prefix, state):
+    stats = ("v_row", "v_col", "v")
+    fresh = {k: _named_leaves(getattr(state, k)) for k in stats}
+    new = {k: dict(v) for k, v in fresh.items()}
+    for param, (kind, source) in sources.items():
+      old = {k: stored(prefix + (k, *source)) for k in stats}
+      if kind == "tiled":
+        v = adafactor_lib.second_moment(old["v_row"], old["v_col"], old["v"], shapes[param][1:])
+        old = adafactor_lib.tiled_statistics(v, shapes[param][0], axes[param],
+                                             {k: fresh[k][param] for k in stats},
+                                             name="/".join(param))
+      for k in stats:
+        new[k][param] = fit(old[k], fresh[k][param], prefix + (k, *param))
+    count = fit(stored(prefix + ("count",)), state.count, prefix + ("count",))
+    return state._replace(count=count, **{
+        k: jax.tree_util.tree_map_with_path(lambda p, _, k=k: new[k][_names(p)],
+                                            getattr(state, k)) for k in stats})
+
+  def leaf(names, fresh):
+    param = next((names[i:] for i in range(len(names)) if names[i:] in shapes), None)
+    if param is None:
+      return fit(stored(names), fresh, names)
+    if param not in sources:
+      return fresh
+    kind, source = sources[param]
+    value = stored(names[:len(names) - len(param)] + source)
+    if kind == "tiled":
+      value = jnp.broadcast_to(value[None], (shapes[param][0], *value.shape))
+    return fit(value, fresh, names)
+
+  is_adafactor = lambda x: isinstance(x, adafactor_lib.ScaleByAdafactorState)  # noqa: E731
+  flat, treedef = jax.tree_util.tree_flatten_with_path(fresh_opt, is_leaf=is_adafactor)
+  return jax.tree_util.tree_unflatten(treedef, [
+      adafactor_state(_names(p), x) if is_adafactor(x) else leaf(_names(p), x)
+      for p, x in flat])
 
 
 # --- dense students of MoE teachers (Switch Transformer Sec. 5) -------------------------------
