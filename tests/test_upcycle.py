@@ -319,3 +319,12 @@ def test_upcycled_optimizer_state_is_the_moe_optimizers_after_the_dense_gradient
   adamw = trainer.adamw(dense_axes).init(dense)
   with pytest.raises(ValueError, match="trained with another optimizer"):
     orbax_utils.upcycle_opt_state(adamw, moe_tx.init(moe), moe, moe_axes, sources)
+
+
+def test_upcycling_a_checkpoint_without_optimizer_state_starts_a_fresh_one(dense_dir, tmp_path):
+  """A params-only dense checkpoint (the HF converter's writer) upcycles with a fresh state."""
+  hf_switch.save_params(flax.traverse_util.unflatten_dict(_stored(f"{dense_dir}/checkpoint_0"),
+                                                          sep="/"), str(tmp_path / "hf"))
+  state, _, _ = _upcycle(_moe_trainer((1, 8, 1)), str(tmp_path / "hf"), str(tmp_path / "up"))
+  assert int(state.opt_state[0].count) == 0
+  assert all(np.asarray(x).max() == 0 for x in jax.tree.leaves(state.opt_state[0].v_row))
