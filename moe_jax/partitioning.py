@@ -579,7 +579,9 @@ class MemoryPlan:
   def upcycle_peak(self) -> int | None:
     """Sparse upcycling's jitted step: the dense leaves (its arguments), the MoE params and
     optimizer state (its outputs), and the routers' random-number temporaries, counted as three
-    times the routers (threefry's counters and bits, then the float draw)."""
+    times the routers (threefry's counters and bits, then the float draw). The dense optimizer
+    state carried over is left out: with Adafactor, factored vectors (switch_tiny upcycled to 64
+    experts on 8 devices: +0.42 MiB on 7.8 MiB compiled)."""
     if self.upcycle_dense is None:
       return None
     return self.upcycle_dense + self.params + self.opt_state + 3 * self.upcycle_fresh

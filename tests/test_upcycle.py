@@ -161,7 +161,9 @@ def test_upcycling_creates_each_expert_on_its_own_devices(dense_dir, mesh_shape,
   dense = _stored(f"{dense_dir}/checkpoint_0")
   abstract_dense, _ = orbax_utils.upcycle_target(
       orbax_utils.params_metadata(dense_dir)[0], tr.abstract_params)
-  compiled = tr.compile_init(dense=abstract_dense)
+  dense_opt = orbax_utils.restore_opt_state_for_upcycle(dense_dir, abstract_dense)
+  compiled = tr.compile_init(dense=abstract_dense, dense_opt_state=dense_opt)
+  del dense_opt
   with _watch_arrays() as watched:
     state, source, resumed = _upcycle(tr, dense_dir, str(tmp_path))
   assert source == f"{dense_dir}/checkpoint_0" and not resumed
