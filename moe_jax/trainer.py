@@ -307,10 +307,8 @@ class Trainer:
     and fresh routers; the dense run's optimizer state carried over when given
     (orbax_utils.restore_opt_state_for_upcycle), else a fresh one. Every leaf is created in its
     sharding (compile_init)."""
-    if dense_opt_state is None:
-      return self._start(seed, 0, dense, dense=dense)
-    return self._start(seed, 0, dense, dense_opt_state, dense=dense,
-                       dense_opt_state=dense_opt_state)
+    given = [tree for tree in (dense, dense_opt_state) if tree is not None]
+    return self._start(seed, 0, *given, dense=dense, dense_opt_state=dense_opt_state)
 
   def state_from_items(self, params: PyTree, train_state: Mapping[str, Any]) -> TrainState:
     """A TrainState from params and the orbax 'train_state' item (step, rng, opt_state)."""
@@ -602,9 +600,8 @@ def _restore_or_init(trainer: Trainer, it, *, model_dir: str, seed: int,
     dense, sources = orbax_utils.restore_for_upcycle(source, trainer.abstract_params)
     report = orbax_utils.upcycle_report(sources, trainer.abstract_params)
     dense_opt = None
-    if initial_checkpoint_mode == "upcycle":
-      target, _ = orbax_utils.upcycle_target(dense, trainer.abstract_params)
-      dense_opt = orbax_utils.restore_opt_state_for_upcycle(source, target)
+    if initial_checkpoint_mode == "upcycle":  # into the shardings the dense params came in
+      dense_opt = orbax_utils.restore_opt_state_for_upcycle(source, dense)
     logging.info("sparse upcycling from %s: %d copied, %d expert weights tiled, fresh: %s; "
                  "optimizer state %s", source, len(report["copied"]), len(report["tiled"]),
                  report["fresh"], "fresh" if dense_opt is None else "carried over")

@@ -294,7 +294,8 @@ def restore_opt_state_for_upcycle(path: str, dense_target: Any) -> Any | None:
   """A dense checkpoint's optimizer state as stored (nested dicts and lists), None when it has
   none (a converted checkpoint). A leaf with the shape of the dense param its path ends with
   (Adam's moments, a full second moment) is read into that param's sharding in dense_target
-  (upcycle_target), the rest (factored statistics, step counts) replicated."""
+  (the dense params of restore_for_upcycle, or upcycle_target's shapes), the rest (factored
+  statistics, step counts) replicated."""
   model_dir, step = resolve_path(path)
   item = epath.Path(step_dir(model_dir, step)) / "train_state"
   if not item.is_dir():
