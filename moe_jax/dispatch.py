@@ -7,9 +7,9 @@
   expert buffers by (expert, slot) index and gathered back: no O(S·E·C) mask.
 - `dropless`: no capacity and no dropping (MegaBlocks / megablox style): assignments sorted by
   expert, each expert's rows padded to a multiple of ROW_UNIT, and a grouped matmul per expert
-  weight (`grouped_matmul`: row blocks on CPU, megablox's Pallas kernel on TPU, ragged_dot
-  elsewhere). Under a mesh it runs per device with shard_map, experts sharded over 'expert' and
-  their hidden units over 'model'.
+  weight (`grouped_matmul`: one GEMM per expert over a window of rows on CPU, megablox's Pallas
+  kernel on TPU, ragged_dot elsewhere). Under a mesh it runs per device with shard_map, experts
+  sharded over 'expert' and their hidden units over 'model'.
 
 Every strategy takes tokens x [g,s,m] and returns the combined expert outputs [g,s,m]; a token
 no expert kept gets exactly 0 (it continues through the residual).
@@ -90,28 +90,38 @@ class Experts:
 
 # Grouped matmul: rows x [n,k] in consecutive groups, group i of group_sizes[i] rows times w[i]
 # [k,o]. XLA:CPU lowers ragged_dot to one masked dense matmul per group (E x the FLOPs), so on
-# CPU it runs as loops over row blocks of each group (sizes a multiple of ROW_UNIT): every
-# group's rows split into blocks of BLOCK_ROWS and a binary remainder (BLOCK_ROWS/2, ...,
-# ROW_UNIT), each a plain 2-D GEMM against its group's weight, skipping rows nobody uses.
+# CPU ('windows') each group is one plain 2-D GEMM over a window of rows: the smallest of a
+# ladder of static sizes (multiples of ROW_UNIT, about WINDOW_RATIO apart) that holds the group,
+# rows outside the group masked; one loop per window size. One GEMM per group, not blocks: each
+# GEMM copies and packs its group's whole weight, and blocks of 16-256 rows (the remainders)
+# cost more in that than in FLOPs.
 ROW_UNIT = 16
-BLOCK_ROWS = 512
-GROUPED_IMPLS = ("blocks", "megablox", "megablox_interpret", "ragged_dot")
+WINDOW_RATIO = 1.125
+GROUPED_IMPLS = ("windows", "megablox", "megablox_interpret", "ragged_dot")
+
+
+def window_sizes(num_rows: int) -> list[int]:
+  """The ladder of window sizes up to num_rows (the last; it holds any group)."""
+  sizes = [ROW_UNIT]
+  while sizes[-1] < num_rows:
+    sizes.append(max(sizes[-1] + ROW_UNIT, -(-int(sizes[-1] * WINDOW_RATIO) // ROW_UNIT) * ROW_UNIT))
+  return sizes[:-1] + [num_rows]
 
 
 def grouped_matmul(x: Array, w: Array, group_sizes: Array, impl: str | None = None) -> Array:
   """x [n,k], w [e,k,o], group_sizes [e] int (sum <= n) -> [n,o]; rows past the groups are 0.
 
-  impl: 'blocks' (pure JAX, CPU default; group sizes must be multiples of ROW_UNIT),
-  'megablox' (Pallas TPU kernel, TPU default), 'megablox_interpret' (the same kernel in Pallas
-  interpret mode, for CPU tests), 'ragged_dot' (jax.lax.ragged_dot; the default elsewhere).
+  impl: 'windows' (pure JAX, the CPU default), 'megablox' (Pallas TPU kernel, TPU default),
+  'megablox_interpret' (the same kernel in Pallas interpret mode, for CPU tests), 'ragged_dot'
+  (jax.lax.ragged_dot; the default elsewhere).
   """
-  impl = impl or {"cpu": "blocks", "tpu": "megablox"}.get(jax.default_backend(), "ragged_dot")
+  impl = impl or {"cpu": "windows", "tpu": "megablox"}.get(jax.default_backend(), "ragged_dot")
   group_sizes = group_sizes.astype(jnp.int32)
   # Inside shard_map: both operands vary over the same axes, so each cotangent has its
   # operand's type (the cast's transpose sums the weight's gradient over the token shards).
   x, w = _varying_like(x, w, group_sizes), _varying_like(w, x, group_sizes)
-  if impl == "blocks":
-    return _blocked_gmm(x, w, group_sizes)
+  if impl == "windows":
+    return _windowed_gmm(x, w, group_sizes)
   if impl in ("megablox", "megablox_interpret"):
     from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
     tiling = tuple(next((t for t in (128, 64, 32, 16, 8) if d % t == 0), d)
@@ -135,28 +145,22 @@ _zero_rows_past.defvjp(lambda a, total: (_zero_rows_past(a, total), total),
                        lambda total, da: (_zero_rows_past(da, total), None))
 
 
-def _row_blocks(group_sizes: Array, num_rows: int) -> list[tuple[int, Array, Array, Array]]:
-  """Every group's rows as blocks: per block size p (largest first), the first row [bound] and
-  group [bound] of each block, and how many of the bound are used."""
-  starts = jnp.cumsum(group_sizes) - group_sizes
-  top = group_sizes // BLOCK_ROWS
-  blocks = []
-  if num_rows >= BLOCK_ROWS:
-    ends = jnp.cumsum(top)
-    b = jnp.arange(num_rows // BLOCK_ROWS)
-    group = jnp.minimum(jnp.searchsorted(ends, b, side="right"), group_sizes.shape[0] - 1)
-    blocks.append((BLOCK_ROWS, starts[group] + (b - ends[group] + top[group]) * BLOCK_ROWS,
-                   group, ends[-1]))
-  rest = group_sizes % BLOCK_ROWS
-  p = BLOCK_ROWS // 2
-  while p >= ROW_UNIT:  # the remainder's binary digits, larger blocks first
-    if p <= num_rows:
-      has = (rest & p) > 0
-      group = jnp.argsort(~has, stable=True)  # groups with a block of p rows first
-      start = starts + top * BLOCK_ROWS + rest // (2 * p) * (2 * p)
-      blocks.append((p, start[group], group, jnp.sum(has)))
-    p //= 2
-  return blocks
+def _windows(group_sizes: Array, num_rows: int) -> list[tuple[int, Array, Array]]:
+  """Per window size p: the groups [e] whose window it is (the first `count`; an empty group
+  has none)."""
+  sizes = window_sizes(num_rows)
+  window = jnp.where(group_sizes > 0, jnp.searchsorted(jnp.array(sizes), group_sizes), -1)
+  return [(p, jnp.argsort(window != i, stable=True), jnp.sum(window == i))
+          for i, p in enumerate(sizes)]
+
+
+def _window(group_sizes: Array, e: Array, p: int, num_rows: int) -> tuple[Array, Array]:
+  """Group e's window of p rows: its first row (moved back when the window would run past the
+  last row) and which of its rows are the group's [p]."""
+  first = jnp.sum(jnp.where(jnp.arange(group_sizes.shape[0]) < e, group_sizes, 0))
+  start = jnp.minimum(first, num_rows - p)
+  row = start + jnp.arange(p)
+  return start, (row >= first) & (row < first + group_sizes[e])
 
 
 def _varying_like(a: Array, *refs: Array) -> Array:
@@ -166,50 +170,54 @@ def _varying_like(a: Array, *refs: Array) -> Array:
   return jax.lax.pcast(a, tuple(sorted(axes)), to="varying") if axes else a
 
 
-def _blocks_matmul(x: Array, w: Array, group_sizes: Array, contract: int) -> Array:
-  """x [n,k] @ w[group] per row block, w contracted on axis `contract` (1: w [e,k,o], 2: w
+def _windows_matmul(x: Array, w: Array, group_sizes: Array, contract: int) -> Array:
+  """x [n,k] @ w[group] per group window, w contracted on axis `contract` (1: w [e,k,o], 2: w
   [e,o,k], the transpose) -> [n,o]."""
   out = _varying_like(jnp.zeros((x.shape[0], w.shape[3 - contract]), x.dtype), x, w, group_sizes)
-  for p, start, group, count in _row_blocks(group_sizes, x.shape[0]):
-    def body(i, out, p=p, start=start, group=group):
-      rows = jax.lax.dynamic_slice_in_dim(x, start[i], p)
+  for p, group, count in _windows(group_sizes, x.shape[0]):
+    def body(i, out, p=p, group=group):
+      start, mine = _window(group_sizes, group[i], p, x.shape[0])
+      rows = jax.lax.dynamic_slice_in_dim(x, start, p)
       y = jax.lax.dot_general(rows, w[group[i]], (((1,), (contract - 1,)), ((), ())))
-      return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), start[i], 0)
+      old = jax.lax.dynamic_slice_in_dim(out, start, p)  # other groups' rows stay
+      return jax.lax.dynamic_update_slice_in_dim(
+          out, jnp.where(mine[:, None], y.astype(out.dtype), old), start, 0)
     out = jax.lax.fori_loop(0, count, body, out)
   return out
 
 
-def _blocks_weight_grad(x: Array, dy: Array, group_sizes: Array, num_groups: int) -> Array:
-  """sum over each group's rows of x^T dy: x [n,k], dy [n,o] -> [e,k,o]."""
+def _windows_weight_grad(x: Array, dy: Array, group_sizes: Array, num_groups: int) -> Array:
+  """Each group's x^T dy over its rows: x [n,k], dy [n,o] -> [e,k,o] float32 (0 for empty)."""
   dw = _varying_like(jnp.zeros((num_groups, x.shape[1], dy.shape[1]), jnp.float32),
                      x, dy, group_sizes)
-  for p, start, group, count in _row_blocks(group_sizes, x.shape[0]):
-    def body(i, dw, p=p, start=start, group=group):
-      rows, grads = (jax.lax.dynamic_slice_in_dim(a, start[i], p) for a in (x, dy))
-      part = jax.lax.dot_general(rows, grads, (((0,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
-      return jax.lax.dynamic_update_index_in_dim(dw, dw[group[i]] + part, group[i], 0)
+  for p, group, count in _windows(group_sizes, x.shape[0]):
+    def body(i, dw, p=p, group=group):
+      start, mine = _window(group_sizes, group[i], p, x.shape[0])
+      rows, grads = (jax.lax.dynamic_slice_in_dim(a, start, p) for a in (x, dy))
+      part = jax.lax.dot_general(rows, jnp.where(mine[:, None], grads, 0),
+                                 (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+      return jax.lax.dynamic_update_index_in_dim(dw, part, group[i], 0)
     dw = jax.lax.fori_loop(0, count, body, dw)
   return dw
 
 
 @jax.custom_vjp
-def _blocked_gmm(x: Array, w: Array, group_sizes: Array) -> Array:
-  return _blocks_matmul(x, w, group_sizes, contract=1)
+def _windowed_gmm(x: Array, w: Array, group_sizes: Array) -> Array:
+  return _windows_matmul(x, w, group_sizes, contract=1)
 
 
-def _blocked_gmm_fwd(x, w, group_sizes):
-  return _blocks_matmul(x, w, group_sizes, contract=1), (x, w, group_sizes)
+def _windowed_gmm_fwd(x, w, group_sizes):
+  return _windows_matmul(x, w, group_sizes, contract=1), (x, w, group_sizes)
 
 
-def _blocked_gmm_bwd(res, dy):
+def _windowed_gmm_bwd(res, dy):
   x, w, group_sizes = res
-  dx = _blocks_matmul(dy, w, group_sizes, contract=2)
-  dw = _blocks_weight_grad(x, dy, group_sizes, w.shape[0]).astype(w.dtype)
+  dx = _windows_matmul(dy, w, group_sizes, contract=2)
+  dw = _windows_weight_grad(x, dy, group_sizes, w.shape[0]).astype(w.dtype)
   return dx, dw, None
 
 
-_blocked_gmm.defvjp(_blocked_gmm_fwd, _blocked_gmm_bwd)
+_windowed_gmm.defvjp(_windowed_gmm_fwd, _windowed_gmm_bwd)
 
 
 def dispatch_and_combine(decision: RouterOutput, num_experts: int, capacity: int,
@@ -287,9 +295,9 @@ def _grouped_ffn(x: Array, expert_index: Array, kept: Array, gate: Array,
   k = expert_index.shape[-1]
   num_experts = experts.wo.shape[0]
   n = g * s * k
-  size = -(-(n + num_experts * (ROW_UNIT - 1)) // ROW_UNIT) * ROW_UNIT
   expert = jnp.where(kept, expert_index, num_experts).reshape(-1)  # [n]; not kept: e
   counts = jnp.bincount(expert, length=num_experts)
+  size = -(-(n + num_experts * (ROW_UNIT - 1)) // ROW_UNIT) * ROW_UNIT
   padded = -(-counts // ROW_UNIT) * ROW_UNIT
   order = jnp.argsort(expert, stable=True)  # assignments grouped by expert, not kept last
   sorted_expert = expert[order]

@@ -173,11 +173,12 @@ def test_dropless_equals_numpy_reference_values_and_gradients(k, activations):
 
 @pytest.mark.parametrize("impl", dispatch_lib.GROUPED_IMPLS[:1] + dispatch_lib.GROUPED_IMPLS[2:])
 def test_grouped_matmul_equals_numpy(impl):
-  """Every backend (megablox in Pallas interpret mode) on groups that exercise full blocks,
-  every remainder block size, an empty group, and unused rows past the groups (-> 0)."""
+  """Every backend (megablox in Pallas interpret mode) on groups of several sizes, one whose
+  CPU window would run past the last row (moved back over its neighbour's rows), an empty
+  group, and unused rows past the groups (-> 0)."""
   unit = dispatch_lib.ROW_UNIT
-  sizes = [dispatch_lib.BLOCK_ROWS + 7 * unit, 0, unit, 3 * unit]
-  n = sum(sizes) + 2 * unit
+  sizes = [33 * unit, 0, unit, 10 * unit]
+  n = sum(sizes) + unit
   rng = np.random.default_rng(4)
   x, w, dy = rng.normal(size=(n, 8)), rng.normal(size=(4, 8, 16)), rng.normal(size=(n, 16))
   want, want_dx, want_dw = np.zeros((n, 16)), np.zeros((n, 8)), np.zeros_like(w)
@@ -196,6 +197,18 @@ def test_grouped_matmul_equals_numpy(impl):
   np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=1e-3)
+
+
+def test_window_sizes_bound_the_padding():
+  """Every group size up to the buffer gets a window that holds it, wasting at most
+  WINDOW_RATIO - 1 of its rows plus two row units; windows are whole row units except the
+  buffer itself."""
+  unit, n = dispatch_lib.ROW_UNIT, 1000
+  sizes = dispatch_lib.window_sizes(n)
+  assert sizes[-1] == n and all(p % unit == 0 for p in sizes[:-1])
+  for r in range(1, n + 1):
+    p = min(q for q in sizes if q >= r)
+    assert p - r <= (dispatch_lib.WINDOW_RATIO - 1) * r + 2 * unit, (r, p)
 
 
 def test_grouped_matmul_refuses_unknown_impl():
