@@ -104,7 +104,8 @@ def window_sizes(num_rows: int) -> list[int]:
   """The ladder of window sizes up to num_rows (the last; it holds any group)."""
   sizes = [ROW_UNIT]
   while sizes[-1] < num_rows:
-    sizes.append(max(sizes[-1] + ROW_UNIT, -(-int(sizes[-1] * WINDOW_RATIO) // ROW_UNIT) * ROW_UNIT))
+    step = -(-int(sizes[-1] * WINDOW_RATIO) // ROW_UNIT) * ROW_UNIT - sizes[-1]
+    sizes.append(sizes[-1] + max(step, ROW_UNIT))
   return sizes[:-1] + [num_rows]
 
 
@@ -145,22 +146,26 @@ _zero_rows_past.defvjp(lambda a, total: (_zero_rows_past(a, total), total),
                        lambda total, da: (_zero_rows_past(da, total), None))
 
 
-def _windows(group_sizes: Array, num_rows: int) -> list[tuple[int, Array, Array]]:
-  """Per window size p: the groups [e] whose window it is (the first `count`; an empty group
-  has none)."""
+def _windows(group_sizes: Array, num_rows: int
+             ) -> list[tuple[int, Callable[[Array], Array], Array]]:
+  """Per window size p: i -> the i-th group whose window it is, and how many
+  groups take it (an empty group takes none)."""
   sizes = window_sizes(num_rows)
   window = jnp.where(group_sizes > 0, jnp.searchsorted(jnp.array(sizes), group_sizes), -1)
-  return [(p, jnp.argsort(window != i, stable=True), jnp.sum(window == i))
-          for i, p in enumerate(sizes)]
+  order = jnp.argsort(window, stable=True)  # groups by window; empty ones first
+  counts = jnp.bincount(window + 1, length=len(sizes) + 1)
+  offsets = jnp.cumsum(counts) - counts
+  return [(p, lambda i, j=j: order[offsets[j + 1] + i], counts[j + 1])
+          for j, p in enumerate(sizes)]
 
 
-def _window(group_sizes: Array, e: Array, p: int, num_rows: int) -> tuple[Array, Array]:
+def _window(starts: Array, group_sizes: Array, e: Array, p: int, num_rows: int
+            ) -> tuple[Array, Array]:
   """Group e's window of p rows: its first row (moved back when the window would run past the
   last row) and which of its rows are the group's [p]."""
-  first = jnp.sum(jnp.where(jnp.arange(group_sizes.shape[0]) < e, group_sizes, 0))
-  start = jnp.minimum(first, num_rows - p)
+  start = jnp.minimum(starts[e], num_rows - p)
   row = start + jnp.arange(p)
-  return start, (row >= first) & (row < first + group_sizes[e])
+  return start, (row >= starts[e]) & (row < starts[e] + group_sizes[e])
 
 
 def _varying_like(a: Array, *refs: Array) -> Array:
@@ -174,11 +179,13 @@ def _windows_matmul(x: Array, w: Array, group_sizes: Array, contract: int) -> Ar
   """x [n,k] @ w[group] per group window, w contracted on axis `contract` (1: w [e,k,o], 2: w
   [e,o,k], the transpose) -> [n,o]."""
   out = _varying_like(jnp.zeros((x.shape[0], w.shape[3 - contract]), x.dtype), x, w, group_sizes)
+  starts = jnp.cumsum(group_sizes) - group_sizes
   for p, group, count in _windows(group_sizes, x.shape[0]):
     def body(i, out, p=p, group=group):
-      start, mine = _window(group_sizes, group[i], p, x.shape[0])
+      e = group(i)
+      start, mine = _window(starts, group_sizes, e, p, x.shape[0])
       rows = jax.lax.dynamic_slice_in_dim(x, start, p)
-      y = jax.lax.dot_general(rows, w[group[i]], (((1,), (contract - 1,)), ((), ())))
+      y = jax.lax.dot_general(rows, w[e], (((1,), (contract - 1,)), ((), ())))
       old = jax.lax.dynamic_slice_in_dim(out, start, p)  # other groups' rows stay
       return jax.lax.dynamic_update_slice_in_dim(
           out, jnp.where(mine[:, None], y.astype(out.dtype), old), start, 0)
@@ -190,13 +197,15 @@ def _windows_weight_grad(x: Array, dy: Array, group_sizes: Array, num_groups: in
   """Each group's x^T dy over its rows: x [n,k], dy [n,o] -> [e,k,o] float32 (0 for empty)."""
   dw = _varying_like(jnp.zeros((num_groups, x.shape[1], dy.shape[1]), jnp.float32),
                      x, dy, group_sizes)
+  starts = jnp.cumsum(group_sizes) - group_sizes
   for p, group, count in _windows(group_sizes, x.shape[0]):
     def body(i, dw, p=p, group=group):
-      start, mine = _window(group_sizes, group[i], p, x.shape[0])
+      e = group(i)
+      start, mine = _window(starts, group_sizes, e, p, x.shape[0])
       rows, grads = (jax.lax.dynamic_slice_in_dim(a, start, p) for a in (x, dy))
       part = jax.lax.dot_general(rows, jnp.where(mine[:, None], grads, 0),
                                  (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-      return jax.lax.dynamic_update_index_in_dim(dw, part, group[i], 0)
+      return jax.lax.dynamic_update_index_in_dim(dw, part, e, 0)
     dw = jax.lax.fori_loop(0, count, body, dw)
   return dw
 
@@ -295,9 +304,9 @@ def _grouped_ffn(x: Array, expert_index: Array, kept: Array, gate: Array,
   k = expert_index.shape[-1]
   num_experts = experts.wo.shape[0]
   n = g * s * k
+  size = -(-(n + num_experts * (ROW_UNIT - 1)) // ROW_UNIT) * ROW_UNIT
   expert = jnp.where(kept, expert_index, num_experts).reshape(-1)  # [n]; not kept: e
   counts = jnp.bincount(expert, length=num_experts)
-  size = -(-(n + num_experts * (ROW_UNIT - 1)) // ROW_UNIT) * ROW_UNIT
   padded = -(-counts // ROW_UNIT) * ROW_UNIT
   order = jnp.argsort(expert, stable=True)  # assignments grouped by expert, not kept last
   sorted_expert = expert[order]
