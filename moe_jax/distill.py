@@ -84,9 +84,15 @@ class Distillation:
   teacher_checkpoint: a checkpoint_<step> directory or a model dir (latest step) of the MoE
     model the run's MODEL gin describes [TEACHER_CHECKPOINT].
   alpha: the teacher's weight in the loss, in [0, 1] [DISTILLATION_ALPHA].
+  restore_dataset: the student reads the training stream from where the teacher's run stopped
+    (its checkpoint's data position), not from the start [RESTORE_TEACHER_DATASET]. From the
+    start, the student ends on the batches the teacher trained on last, whose targets the
+    teacher's probabilities give away (on a CPU-scale Switch run, 0.9 nats lower loss there
+    than on unseen batches): the student's train loss drops and its eval loss rises.
   """
   teacher_checkpoint: str = gin.REQUIRED
   alpha: float = 0.25
+  restore_dataset: bool = True
 
   def setup(self, teacher: models.EncoderDecoderModel, partitioner: partitioning.Partitioner,
             input_shapes: Mapping[str, tuple[int, ...]]) -> tuple[DistillationModel, PyTree]:
@@ -105,6 +111,12 @@ class Distillation:
     params, step = orbax_utils.restore_params_from_path(path, teacher_trainer.abstract_params)
     logging.info("distillation teacher: %s (step %d), alpha %.3g", path, step, self.alpha)
     return DistillationModel(student, teacher, self.alpha), params
+
+  def continue_data(self, it: Any) -> None:
+    """Moves the training data iterator `it` to the teacher's position (restore_dataset)."""
+    if self.restore_dataset:
+      trainer_lib.set_data_state_from(it, self.teacher_checkpoint, "TEACHER_CHECKPOINT",
+                                      "RESTORE_TEACHER_DATASET")
 
   def init_student(self, trainer: trainer_lib.Trainer, state: trainer_lib.TrainState,
                    teacher_params: PyTree, seed: int) -> trainer_lib.TrainState:

@@ -578,7 +578,8 @@ def _restore_or_init(trainer: Trainer, it, *, model_dir: str, seed: int,
                      initial_checkpoint_path: str | None, initial_checkpoint_mode: str,
                      restore_dataset: bool) -> tuple[TrainState, str | None, bool]:
   """(state, where from, resumed): the newest good checkpoint in MODEL_DIR (resumed), else
-  INITIAL_CHECKPOINT_PATH (by mode), else a fresh state."""
+  INITIAL_CHECKPOINT_PATH (by mode; its data position too if restore_dataset), else a fresh
+  state."""
   def restore(reader, step):  # a checkpoint of another model stops the run (SettingError)
     model_description.check("MODEL_DIR", orbax_utils.step_dir(model_dir, step), trainer.model,
                             trainer.abstract_params)
@@ -596,6 +597,8 @@ def _restore_or_init(trainer: Trainer, it, *, model_dir: str, seed: int,
 
   ckpt_dir, ckpt_step = orbax_utils.resolve_path(initial_checkpoint_path)
   source = orbax_utils.step_dir(ckpt_dir, ckpt_step)
+  if restore_dataset:  # before the state: a position that does not fit stops the run sooner
+    set_data_state_from(it, source, "INITIAL_CHECKPOINT_PATH", "RESTORE_DATASET")
   if initial_checkpoint_mode in ("upcycle", "upcycle_params"):
     dense, sources = orbax_utils.restore_for_upcycle(source, trainer.abstract_params)
     report = orbax_utils.upcycle_report(sources, trainer.abstract_params)
@@ -617,27 +620,34 @@ def _restore_or_init(trainer: Trainer, it, *, model_dir: str, seed: int,
   reader = orbax_utils.read_only_manager(ckpt_dir)
   has_train_state = (epath.Path(source) / "train_state").is_dir()
   if initial_checkpoint_mode == "full" and has_train_state:
-    params, train_state, data_state = orbax_utils.restore(
+    params, train_state, _ = orbax_utils.restore(
         reader, ckpt_step, abstract_params=trainer.abstract_params,
-        abstract_train_state=trainer.abstract_train_state(), with_data=restore_dataset)
+        abstract_train_state=trainer.abstract_train_state())
     state = trainer.state_from_items(params, train_state)
   else:  # 'params', or 'full' from a checkpoint without optimizer state
-    params, _, data_state = orbax_utils.restore(
-        reader, ckpt_step, abstract_params=trainer.abstract_params, with_data=restore_dataset)
+    params, _, _ = orbax_utils.restore(reader, ckpt_step, abstract_params=trainer.abstract_params)
     state = trainer.state_from_params(params, ckpt_step, seed)
   reader.close()
-  if restore_dataset:
-    _set_data_state(it, data_state, "INITIAL_CHECKPOINT_PATH")
   return state, source, False
 
 
-def _set_data_state(it, data_state: Mapping[str, Any] | None, setting: str) -> None:
+def _set_data_state(it, data_state: Mapping[str, Any] | None, setting: str,
+                    switch: str | None = None) -> None:
+  """Continues `it` from a checkpoint's data position (none saved: from the start). switch:
+  the setting that turns this off, named in the error."""
   if data_state:
     try:
       it.set_state(data_state)
     except ValueError as e:
+      off = f"; {switch}=False reads the stream from its start" if switch else ""
       raise validation.SettingError(setting, f"its checkpoint's data position does not fit "
-                                             f"this run: {e}") from None
+                                             f"this run: {e}{off}") from None
+
+
+def set_data_state_from(it, path: str, setting: str, switch: str) -> None:
+  """Continues `it` where the run of the checkpoint at `path` stopped reading (the batches after
+  the ones it trained on), if it saved a position."""
+  _set_data_state(it, orbax_utils.data_state_from_path(path), setting, switch)
 
 
 def _nonfinite_error(rows: list[Mapping[str, Any]], first_step: int, max_skips: int,
@@ -751,7 +761,9 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
       state, as the paper does; a fresh one when the checkpoint has none; see
       Trainer.upcycle_state) or 'upcycle_params' (the same with a fresh optimizer state)
       [INITIAL_CHECKPOINT_MODE in sparse_upcycle.gin].
-    restore_dataset: also restore the data position from initial_checkpoint_path.
+    restore_dataset: also restore the data position from initial_checkpoint_path (any mode),
+      so the run reads the batches after the ones that checkpoint was trained on
+      [RESTORE_DATASET].
     stats_period: steps per summary (TensorBoard, metrics.jsonl, progress bar loss).
     eval_period, eval_steps, eval_split: eval every N steps (0: never) on the first
       eval_steps batches of each task of the mixture (read once, the same batches every time)
@@ -762,8 +774,8 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
       is queued, so the run stops one step after the one that tripped the guard.
     distillation: a distill.Distillation (gin/runs/distill.gin): `model` is then the MoE
       teacher, and the run trains its dense student against the teacher's token probabilities,
-      starting from the teacher's non-expert weights (unless MODEL_DIR or
-      initial_checkpoint_path has a checkpoint).
+      starting from the teacher's non-expert weights and, with its restore_dataset, from the
+      teacher's data position (unless MODEL_DIR or initial_checkpoint_path has a checkpoint).
   Raises validation.SettingError for a bad setting (before anything is compiled) and
   validation.RunError when the run cannot go on (divergence, a failed save, a busy MODEL_DIR).
   """
@@ -820,6 +832,8 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
         mixture_or_task_name, dict(task_feature_lengths), "train", batch_size, shuffle=shuffle,
         seed=random_seed, process_index=jax.process_index(), process_count=jax.process_count(),
         num_shards=num_data_shards, pack=pack)
+    if distillation is not None:  # replaced below by a restart's own position
+      distillation.continue_data(it)
     state, restored_from, resumed = _restore_or_init(
         trainer, it, model_dir=model_dir, seed=random_seed,
         initial_checkpoint_path=initial_checkpoint_path,

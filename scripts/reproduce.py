@@ -514,8 +514,9 @@ def distillation_commands(claim: Claim, seed: int, steps: int, scale: str, quick
                           runs_dir: str) -> dict[str, tuple[list[str], str, int]]:
   """label -> (command, MODEL_DIR, final step) of the dense baseline, the Switch teacher, the
   student (the teacher's model gin with gin/runs/distill.gin, otherwise the baseline's settings
-  and steps, and the teacher's learning-rate schedule continued from its last step: its weights
-  start from there) and the student's control without the teacher's probabilities."""
+  and steps; the teacher's learning-rate schedule and data stream continued from its last step:
+  its weights start from there) and the student's control without the teacher's
+  probabilities."""
   runs = _baseline_runs(claim, seed, steps, scale, quick, runs_dir)
   teacher_dir = runs[_SWITCH.label][1]
   cmd = _stage_command(claim, _SWITCH, "distill.gin", seed, steps, scale, quick,
@@ -585,8 +586,8 @@ def upcycling_commands(seed: int, steps: int, scale: str, quick: bool, runs_dir:
   (sample_efficiency's). Stage 2, `steps` more each: both continued from their checkpoints
   (gin/runs/continue_pretrain.gin: state, step and data position restored, so each curve is the
   run trained for 2x steps), and the dense checkpoint upcycled (gin/runs/sparse_upcycle.gin:
-  experts copied from the dense MLP, fresh routers, the dense run's optimizer state and
-  learning-rate schedule continued from its last step). Then the same upcycling with a fresh
+  experts copied from the dense MLP, fresh routers, the dense run's optimizer state,
+  learning-rate schedule and data stream continued from its last step). Then the same upcycling with a fresh
   optimizer state, and its control: the dense model trained on from its params and step alone,
   with a fresh optimizer state."""
   claim = UPCYCLING

@@ -40,6 +40,12 @@ def _params(step_dir):
   return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree, sep="/").items()}
 
 
+def _batches_read(step_dir):
+  """The data position a checkpoint saved: its JSON file, read without moe_jax."""
+  with open(os.path.join(step_dir, "data", "metadata")) as f:
+    return json.load(f)["batches_consumed"]
+
+
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
   """A real switch_tiny checkpoint (3 training steps)."""
@@ -111,6 +117,31 @@ def test_student_starts_from_the_teachers_non_expert_weights(teacher_dir, tmp_pa
     assert np.std(student[key]) > 0
     assert not any(np.allclose(student[key], e) for e in teacher[key])
     assert not np.allclose(student[key], teacher[key].mean(0))
+
+
+def test_student_reads_on_after_the_teachers_batches(teacher_dir, tmp_path, capsys):
+  """The student's stream goes on after the teacher's 3 batches (regression: from the start, a
+  CPU-scale student ended on the batches its teacher trained on last, where the teacher's
+  probabilities give the targets away; its train loss fell and its eval loss rose)."""
+  assert _batches_read(f"{teacher_dir}/checkpoint_3") == 3
+  student = [SWITCH, "--gin_file=gin/runs/distill.gin", *SMALL,
+             f'--gin.TEACHER_CHECKPOINT="{teacher_dir}"']
+  _run([*student, f'--gin.MODEL_DIR="{tmp_path}/on"', "--gin.TRAIN_STEPS=2"])
+  assert _batches_read(f"{tmp_path}/on/checkpoint_2") == 3 + 2
+  # A restart resumes from the student's own position, not the teacher's.
+  _run([*student, f'--gin.MODEL_DIR="{tmp_path}/on"', "--gin.TRAIN_STEPS=3"])
+  assert _batches_read(f"{tmp_path}/on/checkpoint_3") == 3 + 3
+  _run([*student, f'--gin.MODEL_DIR="{tmp_path}/start"', "--gin.TRAIN_STEPS=2",
+        "--gin.RESTORE_TEACHER_DATASET=False"])
+  assert _batches_read(f"{tmp_path}/start/checkpoint_2") == 2
+  # Another data stream than the teacher's: one line naming both settings, no checkpoint.
+  capsys.readouterr()  # the progress bars above
+  line = _error_line(capsys, [*student, f'--gin.MODEL_DIR="{tmp_path}/other"',
+                              "--gin.RANDOM_SEED=1"])
+  assert line.startswith("moe_jax.train: error: TEACHER_CHECKPOINT: its checkpoint's data "
+                         "position does not fit this run")
+  assert "'seed': (0, 1)" in line and "RESTORE_TEACHER_DATASET=False" in line
+  assert not [d for d in os.listdir(tmp_path / "other") if d.startswith("checkpoint")]
 
 
 def test_distill_cli_trains_the_student(teacher_dir, tmp_path):

@@ -218,8 +218,22 @@ def test_sparse_upcycle_from_a_dense_checkpoint(shared_root, tmp_path, capsys):
   assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
       "moe_jax.train: error: OPTIMIZER: the dense checkpoint's optimizer state has no 0/mu/")
   assert orbax_utils.latest_steps(f"{tmp_path}/adamw") == []
+  # The dense run's data position must fit this run's stream: one line, nothing saved.
+  with pytest.raises(SystemExit) as exit_info:
+    train.main([*upcycle, f'--gin.MODEL_DIR="{tmp_path}/seed1"', "--gin.RANDOM_SEED=1"])
+  line = capsys.readouterr().err.strip().splitlines()[-1]
+  assert exit_info.value.code == 2 and line.startswith(
+      "moe_jax.train: error: INITIAL_CHECKPOINT_PATH: its checkpoint's data position does not "
+      "fit this run") and "RESTORE_DATASET=False" in line
+  assert orbax_utils.latest_steps(f"{tmp_path}/seed1") == []
   up = _run([*upcycle, f'--gin.MODEL_DIR="{tmp_path}"'])
   assert up.step == 0 and orbax_utils.latest_steps(str(tmp_path)) == [0]
+  # The upcycled run reads on after the dense run's 2 batches (its data file, read as JSON).
+  def batches_read(step_dir):
+    with open(f"{step_dir}/data/metadata") as f:
+      return json.load(f)["batches_consumed"]
+  assert batches_read(f"{dense_dir}/checkpoint_2") == 2
+  assert batches_read(f"{tmp_path}/checkpoint_0") == 2
   dense = _params(f"{dense_dir}/checkpoint_2")
   moe = _params(f"{tmp_path}/checkpoint_0")
   # The optimizer state is carried over (values: tests/test_upcycle.py): Adafactor's count goes
@@ -246,6 +260,7 @@ def test_sparse_upcycle_from_a_dense_checkpoint(shared_root, tmp_path, capsys):
   cont = _run([SWITCH, "--gin_file=gin/runs/pretrain.gin", *SMALL,
                f'--gin.MODEL_DIR="{tmp_path}"', "--gin.TRAIN_STEPS=2"])
   assert cont.restored_from == f"{tmp_path}/checkpoint_0" and cont.step == 2
+  assert batches_read(f"{tmp_path}/checkpoint_2") == 2 + 2
   assert np.isfinite(float(cont.final_metrics["loss"]))
 
 

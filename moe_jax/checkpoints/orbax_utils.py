@@ -137,6 +137,19 @@ def restore_params_from_path(path: str, abstract_params: Any) -> tuple[Any, int]
   return ocp.StandardCheckpointer().restore(item, abstract_params), step
 
 
+def data_state_from_path(path: str) -> dict[str, Any] | None:
+  """The data position saved with an explicit checkpoint path (see resolve_path), or None when
+  the checkpoint has none (e.g. one converted from another framework)."""
+  model_dir, step = resolve_path(path)
+  if not (epath.Path(step_dir(model_dir, step)) / "data").is_dir():
+    return None
+  reader = read_only_manager(model_dir)
+  try:
+    return reader.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+  finally:
+    reader.close()
+
+
 def params_metadata(path: str) -> tuple[Any, int]:
   """(tree of jax.ShapeDtypeStruct, step) of the params stored at an explicit path."""
   model_dir, step = resolve_path(path)
