@@ -31,23 +31,38 @@ def evaluate(*, model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
              task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
              batch_size: int = gin.REQUIRED, output_dir: str | None = None,
              split: str = "validation", eval_steps: int | None = None, pack: bool = True,
+             train_batches_from: int | None = None, seed: int = 0,
              partitioner: partitioning.Partitioner | None = None) -> dict[str, Any]:
   """Restores the params at checkpoint_path and evaluates every task of the mixture.
 
   checkpoint_path: a checkpoint_<step> directory or a model dir (latest step) [CHECKPOINT_PATH].
   output_dir: where eval_results.json and TensorBoard logs go (default: <model dir>/eval)
     [EVAL_OUTPUT_DIR]. eval_steps: batches per task (None: the whole split, one process only).
+  train_batches_from: k evaluates on the training stream of the run with seed `seed` from its
+    batch k instead of `split` (one task): e.g. a checkpoint of step s on the batches it
+    trained on last (k = s - eval_steps) against the ones after (k = s) [TRAIN_BATCHES_FROM,
+    RANDOM_SEED].
   Returns {'step': s, '<task>/loss': ..., '<task>/accuracy': ..., '<task>/num_tokens': ...}.
   """
   validation.integer("EVAL_STEPS", eval_steps, minimum=1,
-                     allow_none=jax.process_count() == 1)
+                     allow_none=jax.process_count() == 1 and train_batches_from is None)
+  validation.integer("TRAIN_BATCHES_FROM", train_batches_from, minimum=0, allow_none=True)
+  if train_batches_from is not None:
+    split = "train"
   trainer, params, model_dir, step = trainer_lib.restore_for_inference(
       model, partitioner, task_feature_lengths, batch_size, pack, checkpoint_path,
       mixture_or_task_name, split)
+  tasks = trainer_lib.task_names(mixture_or_task_name)
+  if train_batches_from is not None and len(tasks) > 1:
+    raise validation.SettingError("TRAIN_BATCHES_FROM", f"reads one task's training stream; "
+                                  f"{mixture_or_task_name} is a mixture of {len(tasks)} tasks")
   batches = {task: trainer_lib.eval_batches(
       task, task_feature_lengths=task_feature_lengths, batch_size=batch_size, split=split,
-      eval_steps=eval_steps, pack=pack) for task in trainer_lib.task_names(mixture_or_task_name)}
+      eval_steps=eval_steps, pack=pack, seed=seed, train_stream_from=train_batches_from)
+      for task in tasks}
   results = trainer_lib.evaluate_tasks(trainer, params, batches)
+  stream = {} if train_batches_from is None else dict(train_batches_from=train_batches_from,
+                                                      seed=seed)
   output_dir = orbax_utils.absolute(output_dir or os.path.join(model_dir, "eval"))
   if jax.process_index() == 0:
     epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -55,7 +70,8 @@ def evaluate(*, model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
     logger.write(step, results)
     logger.close()
     (epath.Path(output_dir) / "eval_results.json").write_text(json.dumps(
-        dict(step=step, checkpoint=checkpoint_path, split=split, **results), indent=1))
+        dict(step=step, checkpoint=checkpoint_path, split=split, **stream, **results),
+        indent=1))
   return dict(step=step, output_dir=output_dir, **results)
 
 

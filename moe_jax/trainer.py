@@ -532,20 +532,26 @@ def _check_checkpoint(setting: str, path: str, trainer: Trainer) -> tuple[str, i
 
 def eval_batches(task: str, *, task_feature_lengths: Mapping[str, int], batch_size: int,
                  split: str = "validation", eval_steps: int | None = 20, pack: bool = True,
-                 seed: int = 0,
-                 num_shards: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 seed: int = 0, num_shards: int | None = None,
+                 train_stream_from: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """This process's batches of one task for eval: the first eval_steps (None: one pass).
 
   Several processes repeat the data, so that each runs exactly eval_steps batches and none
   waits on a shard that ran out. num_shards: as in data.get_dataset (default process count).
+  train_stream_from: k reads the training stream of `seed` (as `train` does) from its batch k
+  instead of `split`: the batches a run trained on at steps k+1, k+2, ...
   """
   if eval_steps is None and jax.process_count() > 1:
     raise ValueError("eval_steps=None (a full pass) needs one process: shards of unequal length "
                      "would leave processes waiting on each other; set eval_steps")
-  it = data_module().get_dataset(task, dict(task_feature_lengths), split, batch_size,
-                                 shuffle=False, seed=seed, process_index=jax.process_index(),
-                                 process_count=jax.process_count(), num_shards=num_shards,
-                                 pack=pack, num_epochs=1 if jax.process_count() == 1 else None)
+  stream = train_stream_from is not None
+  it = data_module().get_dataset(
+      task, dict(task_feature_lengths), "train" if stream else split, batch_size,
+      shuffle=stream, seed=seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_shards=num_shards, pack=pack,
+      num_epochs=1 if jax.process_count() == 1 and not stream else None)
+  if stream:
+    it.set_state(dict(it.get_state(), batches_consumed=train_stream_from))
   return itertools.islice(it, eval_steps)
 
 

@@ -510,6 +510,42 @@ _INIT_ONLY = "dense student, teacher's weights, no distillation (alpha 0)"
 SEED_SPREAD = 0.013
 
 
+# The settings of a training command that eval.gin also has (the model's data and batches).
+_EVAL_SETTINGS = ("MIXTURE_OR_TASK_NAME=", "TASK_FEATURE_LENGTHS=", "BATCH_SIZE=", "RANDOM_SEED=",
+                  "data.")
+
+
+def own_batches_xent(cmd: Sequence[str], model_dir: str, steps: int, n: int
+                     ) -> tuple[dict[str, float], list[str]]:
+  """A finished run's cross-entropy on the last n batches it trained on and on the n batches
+  after them (`moe_jax.eval` with TRAIN_BATCHES_FROM), and the two commands as typed.
+
+  What a model keeps of its latest batches: a distillation student that reads the teacher's
+  training stream again would end on batches whose targets the teacher still remembers.
+  """
+  task = next(a.split("=", 1)[1].strip("'") for a in cmd if a.startswith(
+      "--gin.MIXTURE_OR_TASK_NAME="))
+  base = [sys.executable, "-m", "moe_jax.eval",
+          next(a for a in cmd if a.startswith("--gin_file=gin/models/")),
+          "--gin_file=gin/runs/eval.gin",
+          *[a for a in cmd if a.startswith("--gin.") and a[6:].startswith(_EVAL_SETTINGS)],
+          f"--gin.CHECKPOINT_PATH='{model_dir}'", f"--gin.EVAL_STEPS={n}"]
+  xent, commands = {}, []
+  for label, start in (("last", steps - n), ("next", steps)):
+    out_dir = os.path.join(model_dir, f"train_batches_from_{start}")
+    eval_cmd = [*base, f"--gin.TRAIN_BATCHES_FROM={start}", f"--gin.EVAL_OUTPUT_DIR='{out_dir}'"]
+    results = os.path.join(out_dir, "eval_results.json")
+    if not os.path.exists(results):
+      done = subprocess.run(eval_cmd, cwd=_ROOT, capture_output=True, text=True, check=False)
+      if done.returncode:
+        raise SystemExit(f"reproduce.py: error: eval failed ({done.returncode}): "
+                         f"{shlex.join(eval_cmd)}\n{done.stderr[-2000:]}")
+    with open(results) as f:
+      xent[label] = json.load(f)[f"{task}/cross_ent_loss"]
+    commands.append(display_command(eval_cmd))
+  return xent, commands
+
+
 def distillation_commands(claim: Claim, seed: int, steps: int, scale: str, quick: bool,
                           runs_dir: str) -> dict[str, tuple[list[str], str, int]]:
   """label -> (command, MODEL_DIR, final step) of the dense baseline, the Switch teacher, the
@@ -540,18 +576,23 @@ def reproduce_distillation(name: str = "distillation", *, seed: int = 0,
   (prefix LM, as the other claims) or 'distillation_span'."""
   claim = DISTILLATION_SPAN if name == "distillation_span" else DISTILLATION
   steps = steps or (60 if quick else claim.steps)
-  curves, commands = _train_stages(
-      name, distillation_commands(claim, seed, steps, scale, quick, runs_dir))
+  runs = distillation_commands(claim, seed, steps, scale, quick, runs_dir)
+  curves, commands = _train_stages(name, runs)
   final = {label: c["eval_xent"][-1] for label, c in curves.items()}
   gain = final[_DENSE.label] - final[_SWITCH.label]
   kept = final[_DENSE.label] - final[_STUDENT]
   share = kept / gain if gain > SEED_SPREAD else None
   init_only = final[_DENSE.label] - final[_INIT_ONLY]
+  n = min(20, steps)
+  teacher_xent, eval_commands = own_batches_xent(*runs[_SWITCH.label][:2], steps, n)
   figures = {"final_eval_xent": final, "teacher_gain": gain, "student_gain": kept,
              "share_of_teacher_gain_kept": share, "init_only_gain": init_only,
-             "share_kept_by_init_alone": init_only / gain if gain > SEED_SPREAD else None}
+             "share_kept_by_init_alone": init_only / gain if gain > SEED_SPREAD else None,
+             # The teacher on its own last n training batches and on the n after them.
+             "teacher_xent_own_last_batches": teacher_xent["last"],
+             "teacher_xent_next_batches": teacher_xent["next"], "own_batches_n": n}
   report = _write_staged(name, claim, seed=seed, steps=steps, scale=scale, quick=quick,
-                commands=commands, figures=figures, curves=curves, out=out,
+                commands=commands + eval_commands, figures=figures, curves=curves, out=out,
                 title=claim.title + (f": student keeps {share:.0%} of the teacher's gain"
                                      if share is not None else
                                      ": the teacher's gain is within the seed spread"))
@@ -561,7 +602,9 @@ def reproduce_distillation(name: str = "distillation", *, seed: int = 0,
             + (f"share kept: {share:.0%}" if share is not None else
                f"share kept: undefined (the teacher's gain is not above the seed-to-seed "
                f"spread, {SEED_SPREAD})"),
-            f"- without the teacher's probabilities (alpha 0): {init_only:+.4f} nats"]
+            f"- without the teacher's probabilities (alpha 0): {init_only:+.4f} nats",
+            f"- the teacher on its last {n} training batches: {teacher_xent['last']:.4f}; on "
+            f"the {n} after them (the student's first): {teacher_xent['next']:.4f}"]
   log("\n".join(lines))
   return report
 

@@ -208,8 +208,9 @@ def test_bad_distillation_settings_are_one_line(teacher_dir, tmp_path, capsys):
 
 def test_reproduce_distillation_quick(tmp_path):
   """scripts/reproduce.py distillation --quick: dense, teacher, student and the student's
-  control (alpha 0) runs through the CLI, the student trained from the teacher's run, the JSON
-  report and the plot."""
+  control (alpha 0) runs through the CLI, the student trained from the teacher's run and on the
+  batches after the teacher's, the teacher evaluated on its last batches and the next ones,
+  the JSON report and the plot."""
   sys.path.insert(0, os.path.join(ROOT, "scripts"))
   import reproduce  # pylint: disable=import-outside-toplevel
   report = reproduce.reproduce_distillation(quick=True, runs_dir=str(tmp_path / "runs"),
@@ -218,7 +219,7 @@ def test_reproduce_distillation_quick(tmp_path):
     saved = json.load(f)
   assert saved["figures"] == json.loads(json.dumps(report["figures"]))
   assert os.path.getsize(tmp_path / "out" / "distillation.png") > 10_000
-  dense, teacher, student, control = saved["commands"]
+  dense, teacher, student, control, own_last, own_next = saved["commands"]
   assert "t5_tiny.gin" in dense and "runs/pretrain.gin" in teacher
   teacher_dir = teacher.split("MODEL_DIR=")[1].strip("'\"")
   assert "runs/distill.gin" in student and f"TEACHER_CHECKPOINT='{teacher_dir}'" in student
@@ -226,6 +227,12 @@ def test_reproduce_distillation_quick(tmp_path):
   assert "--gin.DISTILLATION_ALPHA=0.0" in control
   assert control.split("MODEL_DIR=")[0].replace(" --gin.DISTILLATION_ALPHA=0.0", "") == \
       student.split("MODEL_DIR=")[0]
+  for cmd, start in ((own_last, 40), (own_next, 60)):  # 60 quick steps, 20 batches each
+    assert cmd.startswith("python -m moe_jax.eval --gin_file=gin/models/switch_tiny.gin")
+    assert f"CHECKPOINT_PATH='{teacher_dir}'" in cmd and "EVAL_STEPS=20" in cmd
+    assert f"--gin.TRAIN_BATCHES_FROM={start} " in cmd and "RANDOM_SEED=0" in cmd
+  assert np.isfinite(saved["figures"]["teacher_xent_own_last_batches"])
+  assert np.isfinite(saved["figures"]["teacher_xent_next_batches"])
   final = saved["figures"]["final_eval_xent"]
   assert all(np.isfinite(v) for v in final.values()) and len(final) == 4
   assert saved["figures"]["teacher_gain"] == pytest.approx(
@@ -234,3 +241,4 @@ def test_reproduce_distillation_quick(tmp_path):
   with open(os.path.join(ROOT, student_dir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   assert all("teacher_cross_ent_loss" in r for r in rows if r["split"] == "train")
+  assert _batches_read(os.path.join(ROOT, student_dir, "checkpoint_60")) == 60 + 60

@@ -264,6 +264,38 @@ def test_sparse_upcycle_from_a_dense_checkpoint(shared_root, tmp_path, capsys):
   assert np.isfinite(float(cont.final_metrics["loss"]))
 
 
+def test_eval_on_the_training_stream_reads_the_batches_the_run_trained_on(tmp_path, capsys):
+  """TRAIN_BATCHES_FROM=k, EVAL_STEPS=1: the loss of batch k of the run's stream. The reference
+  is the run itself: at learning rate 0 its params never move and t5_tiny has no dropout, so
+  its train loss at step k+1 is the checkpoint's loss on that batch."""
+  _run([DENSE, "--gin_file=gin/runs/pretrain.gin", *SMALL, f'--gin.MODEL_DIR="{tmp_path}"',
+        "--gin.TRAIN_STEPS=4", "--gin.LEARNING_RATE=0.0", "--gin.RANDOM_SEED=3"])
+  rows = _train_rows(tmp_path)
+  assert len({round(r["cross_ent_loss"], 4) for r in rows}) == 4  # 4 different batches
+  flags = [DENSE, "--gin_file=gin/runs/eval.gin", f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
+           "--gin.BATCH_SIZE=8", f'--gin.CHECKPOINT_PATH="{tmp_path}"', "--gin.EVAL_STEPS=1",
+           "--gin.RANDOM_SEED=3", f'--gin.EVAL_OUTPUT_DIR="{tmp_path}/eval"']
+  key = f"{data.DEFAULT_TASK}/cross_ent_loss"
+  for k in (0, 2, 3):
+    results = train.run(eval_lib.evaluate, [*flags, f"--gin.TRAIN_BATCHES_FROM={k}"],
+                        "moe_jax.eval")
+    assert results[key] == pytest.approx(rows[k]["cross_ent_loss"], rel=1e-5), k
+  # A mixture's training stream is not its tasks' streams: one line naming the setting.
+  import seqio  # pylint: disable=import-outside-toplevel
+  seqio.MixtureRegistry.add("two_pydocs_tasks", [data.DEFAULT_TASK, "pydocs_prefix_lm"],
+                            default_rate=1.0)
+  capsys.readouterr()
+  try:
+    with pytest.raises(SystemExit):
+      eval_lib.main([*flags, "--gin.TRAIN_BATCHES_FROM=0",
+                     "--gin.MIXTURE_OR_TASK_NAME='two_pydocs_tasks'"])
+  finally:
+    seqio.MixtureRegistry.remove("two_pydocs_tasks")
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      "moe_jax.eval: error: TRAIN_BATCHES_FROM: reads one task's training stream; "
+      "two_pydocs_tasks is a mixture of 2 tasks")
+
+
 def test_eval_and_infer_from_a_checkpoint(pretrained, tmp_path):
   lengths = f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}"
   results = train.run(eval_lib.evaluate,
