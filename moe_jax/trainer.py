@@ -780,8 +780,9 @@ def train(*, model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
       is queued, so the run stops one step after the one that tripped the guard.
     distillation: a distill.Distillation (gin/runs/distill.gin): `model` is then the MoE
       teacher, and the run trains its dense student against the teacher's token probabilities,
-      starting from the teacher's non-expert weights and, with its restore_dataset, from the
-      teacher's data position (unless MODEL_DIR or initial_checkpoint_path has a checkpoint).
+      starting from the teacher's non-expert weights (unless MODEL_DIR or
+      initial_checkpoint_path has a checkpoint) and, with its restore_dataset, from the
+      teacher's data position (a restart resumes its own).
   Raises validation.SettingError for a bad setting (before anything is compiled) and
   validation.RunError when the run cannot go on (divergence, a failed save, a busy MODEL_DIR).
   """
