@@ -630,9 +630,9 @@ def upcycling_commands(seed: int, steps: int, scale: str, quick: bool, runs_dir:
   (gin/runs/continue_pretrain.gin: state, step and data position restored, so each curve is the
   run trained for 2x steps), and the dense checkpoint upcycled (gin/runs/sparse_upcycle.gin:
   experts copied from the dense MLP, fresh routers, the dense run's optimizer state,
-  learning-rate schedule and data stream continued from its last step). Then the same upcycling with a fresh
-  optimizer state, and its control: the dense model trained on from its params and step alone,
-  with a fresh optimizer state."""
+  learning-rate schedule and data stream continued from its last step). Then the same
+  upcycling with a fresh optimizer state, and its control: the dense model trained on from its
+  params and step alone, with a fresh optimizer state."""
   claim = UPCYCLING
   stage1 = _baseline_runs(claim, seed, steps, scale, quick, runs_dir)
   runs = {}
