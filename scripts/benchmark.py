@@ -17,8 +17,8 @@ Suites:
           at a fixed group size, and vs group size at fixed tokens; dropless vs tokens.
   hf      the same MoE layer in HF transformers (SwitchTransformersSparseMLP, PyTorch CPU) on
           identical shapes and weights, with flaxformer's recorded figures for reference.
-  train   training tokens/s of switch_tiny / t5_tiny (equal FLOPs per token) in the trainer's
-          own step, at the pretrain run's batch and lengths.
+  train   training tokens/s of switch_tiny / t5_tiny and switch_mini / t5_mini (equal FLOPs
+          per token) in the trainer's own step, at the pretrain run's batch and lengths.
 """
 from __future__ import annotations
 
@@ -273,10 +273,11 @@ def hf_suite(grid: dict) -> list[dict]:
 
 
 def train_suite(grid: dict) -> list[dict]:
-  """Training tokens/s of switch_tiny vs t5_tiny in the trainer's own step (Trainer.train_step:
-  loss, grads, Adafactor, non-finite guard, donated state) on packed batches of the pretrain
-  run's task and shapes (gin/runs/pretrain.gin), counted as the trainer counts (non-padding
-  tokens). Both models in one process, timed in blocks of steps."""
+  """Training tokens/s of each (Switch, dense) pair of models with equal FLOPs per token
+  (switch_tiny / t5_tiny; switch_mini / t5_mini in the full grid) in the trainer's own step
+  (Trainer.train_step: loss, grads, Adafactor, non-finite guard, donated state) on packed
+  batches of the pretrain run's task and shapes (gin/runs/pretrain.gin), counted as the trainer
+  counts (non-padding tokens). Each pair in one process, timed in blocks of steps."""
   import gin
 
   from moe_jax import config, partitioning, trainer
@@ -286,26 +287,29 @@ def train_suite(grid: dict) -> list[dict]:
   local = next(it)
   tokens = int(np.count_nonzero(local["encoder_input_tokens"])
                + np.count_nonzero(local["decoder_target_tokens"]))
-  steps = {}
-  for name in ("switch_tiny", "t5_tiny"):
-    # MoE layer factories are gin-bound and resolve when the module is set up, so build and
-    # compile while this model's config is in force.
-    model = config.build_model([f"models/{name}.gin"])
-    partitioner = partitioning.Partitioner()
-    tr = trainer.Trainer(model, partitioner, trainer.batch_shapes(lengths, batch_size, True),
-                         trainer.adafactor)
-    batch = partitioner.shard_batch(local)
-    holder = {"state": tr.init_state(0)}
+  rows = []
+  for sparse, dense in grid["train_pairs"]:
+    steps = {}
+    for name in (sparse, dense):
+      # MoE layer factories are gin-bound and resolve when the module is set up, so build and
+      # compile while this model's config is in force.
+      model = config.build_model([f"models/{name}.gin"])
+      partitioner = partitioning.Partitioner()
+      tr = trainer.Trainer(model, partitioner, trainer.batch_shapes(lengths, batch_size, True),
+                           trainer.adafactor)
+      batch = partitioner.shard_batch(local)
+      holder = {"state": tr.init_state(0)}
 
-    def step(tr=tr, batch=batch, holder=holder):  # the state is donated: carry it on
-      holder["state"], metrics = tr.train_step(holder["state"], batch, 0.01)
-      return metrics
-    jax.block_until_ready(step())  # compile
-    steps[name] = step
-    gin.clear_config()
-  t = timed_blocks(steps, grid["train_calls"], grid["rounds"])
-  return [{"model": k, "step_ms": 1e3 * v, "tokens_per_s": tokens / v} for k, v in t.items()] + [
-      {"model": "switch_tiny / t5_tiny", "tokens_per_s_ratio": t["t5_tiny"] / t["switch_tiny"]}]
+      def step(tr=tr, batch=batch, holder=holder):  # the state is donated: carry it on
+        holder["state"], metrics = tr.train_step(holder["state"], batch, 0.01)
+        return metrics
+      jax.block_until_ready(step())  # compile
+      steps[name] = step
+      gin.clear_config()
+    t = timed_blocks(steps, grid["train_calls"], grid["rounds"])
+    rows += [{"model": k, "step_ms": 1e3 * v, "tokens_per_s": tokens / v} for k, v in t.items()]
+    rows.append({"model": f"{sparse} / {dense}", "tokens_per_s_ratio": t[dense] / t[sparse]})
+  return rows
 
 
 FULL = {"tokens": 4096, "d_model": 512, "d_ff": 2048, "experts": [8, 32, 128],
@@ -315,12 +319,13 @@ FULL = {"tokens": 4096, "d_model": 512, "d_ff": 2048, "experts": [8, 32, 128],
         "memory_tokens": [2048, 4096, 8192, 16384], "memory_group_size": 1024,
         "memory_fixed_tokens": 8192, "memory_group_sizes": [256, 1024, 4096, 8192],
         "hf_experts": [8, 32], "hf_seq_len": 512, "train_batch": 32,
-        "train_lengths": {"inputs": 64, "targets": 16}, "train_calls": 10}
+        "train_lengths": {"inputs": 64, "targets": 16}, "train_calls": 10,
+        "train_pairs": [["switch_tiny", "t5_tiny"], ["switch_mini", "t5_mini"]]}
 QUICK = {**FULL, "tokens": 2048, "d_model": 256, "d_ff": 1024, "experts": [8, 32],
          "group_sizes": [1024], "capacity_factors": [1.25], "calls": 2, "rounds": 2,
          "memory_tokens": [1024, 2048, 4096], "memory_fixed_tokens": 4096,
          "memory_group_sizes": [256, 1024, 4096], "hf_experts": [8], "train_batch": 8,
-         "train_calls": 5}
+         "train_calls": 5, "train_pairs": [["switch_tiny", "t5_tiny"]]}
 
 
 def markdown(results: dict) -> str:
@@ -447,20 +452,21 @@ def _plot_memory(ax, memory: list[dict]) -> None:
   ax.legend()
 
 
-def plots(results: dict, out: pathlib.Path) -> None:
-  """benchmark.png: one panel per suite run of layer, ops, memory."""
+def plots(results: dict, out: pathlib.Path) -> bool:
+  """benchmark.png: one panel per suite run of layer, ops, memory; False when none ran."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   panels = [(k, f) for k, f in (("layer", _plot_layer), ("ops", _plot_ops),
                                 ("memory", _plot_memory)) if results.get(k)]
   if not panels:
-    return
+    return False
   fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
   for ax, (k, plot) in zip(axes[0], panels):
     plot(ax, results[k])
   fig.tight_layout()
   fig.savefig(out / "benchmark.png", dpi=110)
+  return True
 
 
 SUITES = {"layer": layer_suite, "ops": ops_suite, "memory": memory_suite, "hf": hf_suite,
@@ -494,8 +500,8 @@ def main(argv=None) -> None:
       (out / "RESULTS.md").write_text(markdown(results))
   print(markdown(results))
   if out:
-    plots(results, out)
-    print(f"wrote {out}/results.json, RESULTS.md, benchmark.png")
+    plotted = plots(results, out)
+    print(f"wrote {out}/results.json, RESULTS.md" + (", benchmark.png" if plotted else ""))
 
 
 if __name__ == "__main__":
