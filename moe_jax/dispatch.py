@@ -41,13 +41,15 @@ class Experts:
   """Stacked expert FFN weights: wi a list of [e,m,h] (one per activation; gated when two),
   wo [e,h,m], all already in the compute dtype. Dropout at dropout_rate acts on the hidden
   activations when dropout_rng is given (training): element-wise, or with
-  dropout_broadcast_tokens one mask [e,h] per expert shared by all its tokens."""
+  dropout_broadcast_tokens one mask [e,h] per expert shared by all its tokens. grouped_impl:
+  the grouped matmul of `grouped` (see grouped_matmul; None picks by backend)."""
   wi: Sequence[Array]
   wo: Array
   activations: Sequence[Callable[[Array], Array]]
   dropout_rate: float = 0.0
   dropout_rng: Array | None = None
   dropout_broadcast_tokens: bool = False
+  grouped_impl: str | None = None
 
   def dropout(self, h: Array, row_expert: Array | None = None) -> Array:
     """h [e,g,c,h], or rows [n,h] whose experts are row_expert [n]."""
@@ -80,12 +82,12 @@ class Experts:
     sum(group_sizes) come out 0."""
     h = 1.0
     for w, act in zip(self.wi, self.activations):
-      h = h * act(grouped_matmul(x, w, group_sizes))
+      h = h * act(grouped_matmul(x, w, group_sizes, self.grouped_impl))
     row_expert = None
     if self.dropout_broadcast_tokens:  # rows past the last expert's clamp to it; they come out 0
       row_expert = jnp.repeat(jnp.arange(group_sizes.shape[0]), group_sizes,
                               total_repeat_length=x.shape[0])
-    return grouped_matmul(self.dropout(h, row_expert), self.wo, group_sizes)
+    return grouped_matmul(self.dropout(h, row_expert), self.wo, group_sizes, self.grouped_impl)
 
 
 # Grouped matmul: rows x [n,k] in consecutive groups, group i of group_sizes[i] rows times w[i]

@@ -92,6 +92,8 @@ class MoeLayer(nn.Module):
       is always float32.
     causal: the layer sits in a decoder; routers that see later tokens are refused.
     dispatch: a strategy in dispatch.STRATEGIES, or 'auto' (see `dispatch_strategy`).
+    grouped_matmul: dropless's grouped matmul, one of dispatch.GROUPED_IMPLS; None picks by
+      backend ('windows' on CPU, 'megablox' on TPU, 'ragged_dot' elsewhere).
   """
   num_experts: int
   d_ff: int
@@ -114,6 +116,7 @@ class MoeLayer(nn.Module):
   dtype: Any = jnp.float32
   causal: bool = False
   dispatch: str = "auto"
+  grouped_matmul: str | None = None
 
   def __post_init__(self):
     if self.router.num_experts != self.num_experts:
@@ -125,6 +128,9 @@ class MoeLayer(nn.Module):
     if self.dispatch != "auto" and self.dispatch not in dispatch_lib.STRATEGIES:
       raise ValueError(f"dispatch={self.dispatch!r} is not 'auto' or one of "
                        f"{sorted(dispatch_lib.STRATEGIES)}")
+    if self.grouped_matmul is not None and self.grouped_matmul not in dispatch_lib.GROUPED_IMPLS:
+      raise ValueError(f"grouped_matmul={self.grouped_matmul!r} is not None or one of "
+                       f"{dispatch_lib.GROUPED_IMPLS}")
     layers.check_activations(self.activations)
     if self.group_rule not in GROUP_RULES:
       raise ValueError(f"group_rule={self.group_rule!r} is not one of {GROUP_RULES}")
@@ -180,7 +186,7 @@ class MoeLayer(nn.Module):
         wi=[jnp.asarray(w, self.dtype) for w in wi], wo=jnp.asarray(wo, self.dtype),
         activations=[layers.ACTIVATIONS[a] for a in self.activations],
         dropout_rate=self.dropout_rate, dropout_rng=self.make_rng("dropout") if training else None,
-        dropout_broadcast_tokens=self.dropout_broadcast_tokens)
+        dropout_broadcast_tokens=self.dropout_broadcast_tokens, grouped_impl=self.grouped_matmul)
 
   @nn.compact
   def __call__(self, x: Array, padding_mask: Array | None = None, *, deterministic: bool,

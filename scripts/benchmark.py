@@ -19,6 +19,14 @@ Suites:
           identical shapes and weights, with flaxformer's recorded figures for reference.
   train   training tokens/s of switch_tiny / t5_tiny and switch_mini / t5_mini (equal FLOPs
           per token) in the trainer's own step, at the pretrain run's batch and lengths.
+  mfu     model FLOPs utilization of the trainer's step (moe_jax.flops / step time / the chip's
+          bf16 peak from its data sheet, or --peak_tflops), and the fraction of a GEMM measured
+          in the same run: Switch-Base-8 per strategy and T5-Base on a GPU or TPU
+          (`--grid accelerator`), the tiny pair on CPU.
+
+Grids: `full` (default) and `quick` for the CPU; `accelerator` for one GPU or TPU chip
+(bfloat16, 32,768 tokens per layer call, the grouped matmul of dropless both ways, suites layer,
+ops and mfu; a few minutes on an H100/H200 once compiled).
 """
 from __future__ import annotations
 
@@ -64,13 +72,23 @@ def timed_blocks(fns: dict[str, Callable[[], object]], calls: int, rounds: int
   return {k: statistics.median(v) for k, v in times.items()}
 
 
+def strategy(name: str) -> tuple[str, str | None]:
+  """A suite's strategy name -> (dispatch, grouped matmul): 'dropless:windows' names dropless
+  with the 'windows' grouped matmul; a plain name leaves the backend's default."""
+  dispatch, _, impl = name.partition(":")
+  return dispatch, impl or None
+
+
 def moe_fwd_bwd(num_experts: int, d_model: int, d_ff: int, tokens: int, group_size: int,
-                cf: float, dispatch: str, seq_len: int = 512):
-  """Jitted fwd+bwd of a top-1 MoeLayer on [tokens/seq_len, seq_len, m] inputs, its args."""
+                cf: float, dispatch: str, seq_len: int = 512, dtype: str = "float32"):
+  """Jitted fwd+bwd of a top-1 MoeLayer (dispatch: a `strategy` name; activations and expert
+  matmuls in dtype, params float32) on [tokens/seq_len, seq_len, m] inputs, its args."""
+  dispatch, impl = strategy(dispatch)
   layer = moe_layer.MoeLayer(
       num_experts=num_experts, d_ff=d_ff, router=routing.TokensChooseRouter(num_experts),
-      train_capacity_factor=cf, group_size=group_size, dispatch=dispatch)
-  x = jax.random.normal(jax.random.key(0), (tokens // seq_len, seq_len, d_model))
+      train_capacity_factor=cf, group_size=group_size, dispatch=dispatch, grouped_matmul=impl,
+      dtype=dtype)
+  x = jax.random.normal(jax.random.key(0), (tokens // seq_len, seq_len, d_model), dtype)
   params = nn.unbox(layer.init({"params": jax.random.key(1)}, x, deterministic=True)["params"])
 
   def loss(p, x):
@@ -79,31 +97,34 @@ def moe_fwd_bwd(num_experts: int, d_model: int, d_ff: int, tokens: int, group_si
   return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x)
 
 
-def dense_fwd_bwd(d_model: int, d_ff: int, tokens: int):
+def dense_fwd_bwd(d_model: int, d_ff: int, tokens: int, dtype: str = "float32"):
   """Jitted fwd+bwd of a dense relu FFN with the MoE layer's active FLOPs per token (top-1),
-  tokens as one [T,m] matrix: 3 · 2 · 2·T·m·h FLOPs."""
+  tokens as one [T,m] matrix: 3 · 2 · 2·T·m·h FLOPs. Params float32, matmuls in dtype (as
+  the MoE layer)."""
   k = jax.random.split(jax.random.key(3), 3)
   wi = jax.random.normal(k[0], (d_model, d_ff)) * d_model ** -0.5
   wo = jax.random.normal(k[1], (d_ff, d_model)) * d_ff ** -0.5
-  x = jax.random.normal(k[2], (tokens, d_model))
+  x = jax.random.normal(k[2], (tokens, d_model), dtype)
 
   def loss(p, x):
-    return jnp.mean((jax.nn.relu(x @ p[0]) @ p[1]) ** 2)
+    y = jax.nn.relu(x @ p[0].astype(dtype)) @ p[1].astype(dtype)
+    return jnp.mean(y.astype(jnp.float32) ** 2)
   return jax.jit(jax.grad(loss, argnums=(0, 1))), ((wi, wo), x)
 
 
-def gemm(d_model: int, d_ff: int, tokens: int):
+def gemm(d_model: int, d_ff: int, tokens: int, dtype: str = "float32"):
   """One plain 2-D matmul [T,m] @ [m,h] (2·T·m·h FLOPs): the machine's GEMM peak here."""
   k = jax.random.split(jax.random.key(4), 2)
-  args = (jax.random.normal(k[0], (tokens, d_model)), jax.random.normal(k[1], (d_model, d_ff)))
+  args = (jax.random.normal(k[0], (tokens, d_model), dtype),
+          jax.random.normal(k[1], (d_model, d_ff), dtype))
   return jax.jit(jnp.matmul), args
 
 
 def baselines(grid: dict) -> tuple[dict, Callable[[], object]]:
   """The dense FFN and GEMM peak (GFLOP/s), timed together; and the dense FFN's thunk."""
   m, h, tokens = grid["d_model"], grid["d_ff"], grid["tokens"]
-  dense, dargs = dense_fwd_bwd(m, h, tokens)
-  mm, margs = gemm(m, h, tokens)
+  dense, dargs = dense_fwd_bwd(m, h, tokens, grid["dtype"])
+  mm, margs = gemm(m, h, tokens, grid["dtype"])
   t = timed_blocks({"dense": lambda: dense(*dargs), "gemm": lambda: mm(*margs)},
                    grid["calls"], grid["rounds"])
   flops = 2 * tokens * m * h
@@ -118,10 +139,10 @@ def layer_suite(grid: dict) -> dict:
   configs = [(e, s, cf, d) for e in grid["experts"] for d in grid["strategies"]
              for s in grid["group_sizes"] for cf in grid["capacity_factors"]
              # dropless has no capacity and routes each group without one: one row per E
-             if d != "dropless" or (s == grid["ops_group_size"] and cf == 1.25)]
+             if strategy(d)[0] != "dropless" or (s == grid["ops_group_size"] and cf == 1.25)]
   rows = []
   for e, s, cf, d in tqdm.tqdm(configs, desc="layer", file=sys.stdout):
-    fn, args = moe_fwd_bwd(e, m, h, tokens, s, cf, d)
+    fn, args = moe_fwd_bwd(e, m, h, tokens, s, cf, d, dtype=grid["dtype"])
     t = timed_blocks({"moe": lambda: fn(*args), "dense": dense}, grid["calls"], grid["rounds"])
     rows.append({"experts": e, "group_size": s, "capacity_factor": cf, "dispatch": d,
                  "moe_ms": 1e3 * t["moe"], "dense_ms": 1e3 * t["dense"],
@@ -135,14 +156,16 @@ def ops_suite(grid: dict) -> list[dict]:
   expert to ROW_UNIT for dropless), and of the whole layer; dispatch + combine = the rest.
   The 2-D dense FFN is timed in the same rounds: layer / dense is the targets' ratio."""
   m, h, tokens, s = grid["d_model"], grid["d_ff"], grid["tokens"], grid["ops_group_size"]
-  dense, dargs = dense_fwd_bwd(m, h, tokens)
+  dtype = grid["dtype"]
+  dense, dargs = dense_fwd_bwd(m, h, tokens, dtype)
   rows = []
   for e in tqdm.tqdm(grid["ops_experts"], desc="ops", file=sys.stdout):
     router = routing.TokensChooseRouter(e)
     for d in grid["strategies"]:
-      layer_fn, layer_args = moe_fwd_bwd(e, m, h, tokens, s, 1.25, d)
+      layer_fn, layer_args = moe_fwd_bwd(e, m, h, tokens, s, 1.25, d, dtype=dtype)
+      dispatch, impl = strategy(d)
       layer = moe_layer.MoeLayer(num_experts=e, d_ff=h, router=router, group_size=s,
-                                 dispatch=d)
+                                 dispatch=dispatch)
       g, _ = layer.group_shape(1, tokens, 1)
       capacity = layer.expert_capacity(s, deterministic=False)
       params = layer_args[0]
@@ -152,18 +175,21 @@ def ops_suite(grid: dict) -> list[dict]:
         out = router.apply({"params": {"w": w}}, x, capacity=capacity, deterministic=True)
         return jnp.sum(out.gate) + out.load_balance_loss + out.router_z_loss
       router_fn = jax.jit(jax.grad(route, argnums=(0, 1)))
-      if d == "dropless":
+      if dispatch == "dropless":
         per_expert = -(-tokens // e // dispatch_lib.ROW_UNIT) * dispatch_lib.ROW_UNIT
         shape, expert_rows = (per_expert * e, m), per_expert * e
       else:
         shape, expert_rows = (e, g, capacity, m), e * g * capacity
-      xs = jax.random.normal(jax.random.key(5), shape)
+      xs = jax.random.normal(jax.random.key(5), shape, dtype)
 
-      def ffn(wi, wo, x, d=d, e=e, per_row=shape[0] // e):
-        experts = dispatch_lib.Experts(wi=[wi], wo=wo, activations=[jax.nn.relu])
-        if d == "dropless":
-          return jnp.sum(experts.grouped(x, jnp.full((e,), per_row, jnp.int32)) ** 2)
-        return jnp.sum(experts.dense(x) ** 2)
+      def ffn(wi, wo, x, dispatch=dispatch, impl=impl, e=e, per_row=shape[0] // e):
+        experts = dispatch_lib.Experts(wi=[wi.astype(dtype)], wo=wo.astype(dtype),
+                                       activations=[jax.nn.relu], grouped_impl=impl)
+        if dispatch == "dropless":
+          y = experts.grouped(x, jnp.full((e,), per_row, jnp.int32))
+        else:
+          y = experts.dense(x)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
       experts_fn = jax.jit(jax.grad(ffn, argnums=(0, 1, 2)))
       t = timed_blocks({
           "layer": lambda: layer_fn(*layer_args),
@@ -272,15 +298,39 @@ def hf_suite(grid: dict) -> list[dict]:
   return rows
 
 
+def compiled_train_step(name: str, bindings: list[str], make_batch: Callable[[object], dict],
+                        lengths: dict, pack: bool) -> tuple[object, Callable[[], object]]:
+  """(model, step): gin model `name` with `bindings` and a thunk that runs one compiled
+  Trainer.train_step (Adafactor) on make_batch(model), carrying the donated state on. The
+  model's MoE layer factories are gin-bound and resolve when the module is set up, so it is
+  built and compiled while its config is in force, which is cleared afterwards."""
+  import gin
+
+  from moe_jax import config, partitioning, trainer
+
+  model = config.build_model([f"models/{name}.gin"], bindings)
+  batch = make_batch(model)
+  partitioner = partitioning.Partitioner()
+  tr = trainer.Trainer(model, partitioner, trainer.batch_shapes(
+      lengths, len(batch["encoder_input_tokens"]), pack), trainer.adafactor)
+  sharded = partitioner.shard_batch(batch)
+  holder = {"state": tr.init_state(0)}
+
+  def step():
+    holder["state"], metrics = tr.train_step(holder["state"], sharded, 0.01)
+    return metrics
+  jax.block_until_ready(step())  # compile
+  gin.clear_config()
+  return model, step
+
+
 def train_suite(grid: dict) -> list[dict]:
   """Training tokens/s of each (Switch, dense) pair of models with equal FLOPs per token
   (switch_tiny / t5_tiny; switch_mini / t5_mini in the full grid) in the trainer's own step
   (Trainer.train_step: loss, grads, Adafactor, non-finite guard, donated state) on packed
   batches of the pretrain run's task and shapes (gin/runs/pretrain.gin), counted as the trainer
   counts (non-padding tokens). Each pair in one process, timed in blocks of steps."""
-  import gin
-
-  from moe_jax import config, partitioning, trainer
+  from moe_jax import trainer
 
   batch_size, lengths = grid["train_batch"], grid["train_lengths"]
   it = trainer.data_module().get_dataset("pydocs_span_corruption", lengths, "train", batch_size)
@@ -289,26 +339,69 @@ def train_suite(grid: dict) -> list[dict]:
                + np.count_nonzero(local["decoder_target_tokens"]))
   rows = []
   for sparse, dense in grid["train_pairs"]:
-    steps = {}
-    for name in (sparse, dense):
-      # MoE layer factories are gin-bound and resolve when the module is set up, so build and
-      # compile while this model's config is in force.
-      model = config.build_model([f"models/{name}.gin"])
-      partitioner = partitioning.Partitioner()
-      tr = trainer.Trainer(model, partitioner, trainer.batch_shapes(lengths, batch_size, True),
-                           trainer.adafactor)
-      batch = partitioner.shard_batch(local)
-      holder = {"state": tr.init_state(0)}
-
-      def step(tr=tr, batch=batch, holder=holder):  # the state is donated: carry it on
-        holder["state"], metrics = tr.train_step(holder["state"], batch, 0.01)
-        return metrics
-      jax.block_until_ready(step())  # compile
-      steps[name] = step
-      gin.clear_config()
+    steps = {name: compiled_train_step(name, [], lambda _: local, lengths, True)[1]
+             for name in (sparse, dense)}
     t = timed_blocks(steps, grid["train_calls"], grid["rounds"])
     rows += [{"model": k, "step_ms": 1e3 * v, "tokens_per_s": tokens / v} for k, v in t.items()]
     rows.append({"model": f"{sparse} / {dense}", "tokens_per_s_ratio": t[dense] / t[sparse]})
+  return rows
+
+
+# Dense bfloat16 peak FLOP/s per chip, from the vendors' data sheets: MFU's denominator. A
+# device kind takes the longest name it contains ('NVIDIA H100 PCIe' -> 'H100 PCIe').
+PEAK_BF16_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12,
+                   "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12,
+                   "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def peak_flops(device_kind: str) -> float | None:
+  names = [k for k in PEAK_BF16_FLOPS if k in device_kind]
+  return PEAK_BF16_FLOPS[max(names, key=len)] if names else None
+
+
+def synthetic_batch(batch_size: int, lengths: dict, vocab_size: int) -> dict:
+  """Unpacked full-length sequences of random token ids (no padding): every position is a
+  real token, as model FLOPs count them."""
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(2, vocab_size, (batch_size, lengths["inputs"]), dtype=np.int32)
+  targets = rng.integers(2, vocab_size, (batch_size, lengths["targets"]), dtype=np.int32)
+  return {"encoder_input_tokens": inputs, "decoder_target_tokens": targets,
+          "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
+          "decoder_loss_weights": np.ones_like(targets, np.float32)}
+
+
+def mfu_suite(grid: dict) -> list[dict]:
+  """Model FLOPs utilization of the trainer's step (Trainer.train_step with Adafactor, one
+  mesh over every local device) for each (gin model, bindings) of grid['mfu_models'], on
+  synthetic full-length batches: model FLOPs per step (moe_jax.flops: no empty capacity
+  slots, no dispatch) / step time / (devices x the chip's bf16 peak). `gemm_fraction` divides
+  by a plain [n,n]@[n,n] matmul in the models' dtype measured in the same run instead."""
+  from moe_jax import flops
+
+  batch_size, lengths, dtype = grid["mfu_batch"], grid["mfu_lengths"], grid["dtype"]
+  n = grid["mfu_gemm_size"]
+  mm, margs = gemm(n, n, n, dtype)
+  steps, rows = {}, []
+  for name, bindings in grid["mfu_models"]:
+    model, step = compiled_train_step(
+        name, [f"ACTIVATION_DTYPE = '{dtype}'", *bindings],
+        lambda model: synthetic_batch(batch_size, lengths, model.module.config.vocab_size),
+        lengths, False)
+    label = " ".join([name, *bindings])
+    steps[label] = step
+    rows.append({"model": label, "flops_per_step": flops.train_step_flops(
+        model, batch_size, lengths["inputs"], lengths["targets"])})
+  t = timed_blocks({**steps, "gemm": lambda: mm(*margs)}, grid["train_calls"], grid["rounds"])
+  devices = jax.device_count()
+  peak = grid.get("peak_flops") or peak_flops(jax.devices()[0].device_kind)
+  gemm_flops = 2 * n ** 3 / t["gemm"]
+  for r in rows:
+    achieved = r["flops_per_step"] / t[r["model"]]
+    r.update(step_ms=1e3 * t[r["model"]],
+             tokens_per_s=batch_size * (lengths["inputs"] + lengths["targets"]) / t[r["model"]],
+             achieved_tflops=achieved / 1e12, devices=devices,
+             peak_tflops=peak and peak / 1e12, mfu=peak and achieved / (devices * peak),
+             gemm_tflops=gemm_flops / 1e12, gemm_fraction=achieved / (devices * gemm_flops))
   return rows
 
 
@@ -320,17 +413,37 @@ FULL = {"tokens": 4096, "d_model": 512, "d_ff": 2048, "experts": [8, 32, 128],
         "memory_fixed_tokens": 8192, "memory_group_sizes": [256, 1024, 4096, 8192],
         "hf_experts": [8, 32], "hf_seq_len": 512, "train_batch": 32,
         "train_lengths": {"inputs": 64, "targets": 16}, "train_calls": 10,
-        "train_pairs": [["switch_tiny", "t5_tiny"], ["switch_mini", "t5_mini"]]}
+        "train_pairs": [["switch_tiny", "t5_tiny"], ["switch_mini", "t5_mini"]],
+        "dtype": "float32", "mfu_batch": 32, "mfu_lengths": {"inputs": 64, "targets": 16},
+        "mfu_gemm_size": 2048,
+        "mfu_models": [["switch_tiny", []], ["t5_tiny", []], ["switch_mini", []], ["t5_mini", []]],
+        "suites": ["layer", "ops", "memory", "hf", "train", "mfu"]}
 QUICK = {**FULL, "tokens": 2048, "d_model": 256, "d_ff": 1024, "experts": [8, 32],
          "group_sizes": [1024], "capacity_factors": [1.25], "calls": 2, "rounds": 2,
          "memory_tokens": [1024, 2048, 4096], "memory_fixed_tokens": 4096,
          "memory_group_sizes": [256, 1024, 4096], "hf_experts": [8], "train_batch": 8,
-         "train_calls": 5, "train_pairs": [["switch_tiny", "t5_tiny"]]}
+         "train_calls": 5, "train_pairs": [["switch_tiny", "t5_tiny"]], "mfu_batch": 8,
+         "mfu_gemm_size": 1024, "mfu_models": [["switch_tiny", []], ["t5_tiny", []]]}
+# One GPU or TPU chip: the layer targets at a batch that fills the chip (the CPU grid's 4,096
+# tokens take ~0.1 ms there), dropless through both grouped matmuls, and the MFU of
+# Switch-Base-8 (per strategy; its dense twin T5-Base) at the paper's sequence lengths.
+ACCELERATOR = {**FULL, "tokens": 32768, "experts": [8, 32], "group_sizes": [1024, 4096],
+               "capacity_factors": [1.25],
+               "strategies": ["einsum", "indices", "dropless", "dropless:windows"],
+               "calls": 10, "rounds": 3, "dtype": "bfloat16", "train_calls": 5,
+               "mfu_batch": 64, "mfu_lengths": {"inputs": 512, "targets": 114},
+               "mfu_gemm_size": 8192,
+               "mfu_models": [["switch_base_8", []],
+                              ["switch_base_8", ["moe_layer.MoeLayer.dispatch = 'indices'"]],
+                              ["switch_base_8", ["moe_layer.MoeLayer.dispatch = 'dropless'"]],
+                              ["t5_base", []]],
+               "suites": ["layer", "ops", "mfu"]}
+GRIDS = {"full": FULL, "quick": QUICK, "accelerator": ACCELERATOR}
 
 
 def markdown(results: dict) -> str:
   env, grid = results["environment"], results["grid"]
-  out = [f"# moe_jax benchmarks ({'quick' if results['quick'] else 'full'})", "",
+  out = [f"# moe_jax benchmarks ({results['grid_name']} grid, {grid['dtype']})", "",
          f"{env['backend']} · {env['device']} · {env['cpus']} CPUs · jax {env['jax']} · "
          f"load average at start {env['load_average']} · command: `{results['command']}`", "",
          f"Timing: each function {grid['calls']} calls in a row after an untimed one, "
@@ -345,7 +458,7 @@ def markdown(results: dict) -> str:
             f"**{base['gemm_gflops']:.0f} GFLOP/s**.", "",
             "| E | group S | cf | dispatch | MoE ms | dense ms | ratio |", "|---|---|---|---|---|---|---|"]
     for r in results["layer"]["rows"]:
-      cf = "-" if r["dispatch"] == "dropless" else r["capacity_factor"]
+      cf = "-" if strategy(r["dispatch"])[0] == "dropless" else r["capacity_factor"]
       out.append(f"| {r['experts']} | {r['group_size']} | {cf} | {r['dispatch']} | "
                  f"{r['moe_ms']:.1f} | {r['dense_ms']:.1f} | **{r['ratio']:.2f}** |")
   if results.get("ops"):
@@ -356,7 +469,7 @@ def markdown(results: dict) -> str:
             "router GFLOP/s | experts ms | experts GFLOP/s | dispatch+combine ms |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["ops"]:
-      c = "-" if r["dispatch"] == "dropless" else r["capacity"]
+      c = "-" if strategy(r["dispatch"])[0] == "dropless" else r["capacity"]
       out.append(f"| {r['experts']} | {r['dispatch']} | {c} | {r['layer_ms']:.1f} | "
                  f"{r['dense_ms']:.1f} | **{r['layer_over_dense']:.2f}** | "
                  f"{r['router_ms']:.1f} | {r['router_gflops']:.1f} | {r['experts_ms']:.1f} | "
@@ -393,6 +506,22 @@ def markdown(results: dict) -> str:
         out.append(f"| {r['model']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} |")
       else:
         out.append(f"| {r['model']} | | **{r['tokens_per_s_ratio']:.2f}** |")
+  if results.get("mfu"):
+    first = results["mfu"][0]
+    peak = (f"{first['peak_tflops']:.0f} TFLOP/s per chip (data sheet, bf16 dense)"
+            if first["peak_tflops"] else "none known for this device (--peak_tflops)")
+    out += ["", f"MFU of the training step (Trainer.train_step, Adafactor), {first['devices']} "
+            f"device(s), batch {grid['mfu_batch']}, lengths {grid['mfu_lengths']}, synthetic "
+            f"full-length sequences; model FLOPs from moe_jax.flops. Peak: {peak}; a "
+            f"{grid['mfu_gemm_size']}³ matmul measured {first['gemm_tflops']:.3g} TFLOP/s in "
+            "the same run.", "",
+            "| model | step ms | tokens/s | model TFLOP/step | TFLOP/s | MFU | / measured GEMM |",
+            "|---|---|---|---|---|---|---|"]
+    for r in results["mfu"]:
+      mfu = f"**{100 * r['mfu']:.1f}%**" if r["mfu"] else "-"
+      out.append(f"| {r['model']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
+                 f"{r['flops_per_step'] / 1e12:.3g} | {r['achieved_tflops']:.3g} | {mfu} | "
+                 f"{100 * r['gemm_fraction']:.1f}% |")
   return "\n".join(out) + "\n"
 
 
@@ -407,9 +536,9 @@ def _plot_layer(ax, layer: dict) -> None:
         ax.plot(*zip(*sorted(pts)), marker=marker, label=f"{d} E={e}")
   sizes = sorted({r["group_size"] for r in rows})
   for r in rows:
-    if r["dispatch"] == "dropless":
+    if strategy(r["dispatch"])[0] == "dropless":
       ax.axhline(r["ratio"], ls=":", color="gray")
-      ax.text(sizes[0], r["ratio"] * 1.02, f"dropless E={r['experts']}", fontsize=7)
+      ax.text(sizes[0], r["ratio"] * 1.02, f"{r['dispatch']} E={r['experts']}", fontsize=7)
   ax.axhline(1.0, color="k", lw=0.8)
   ax.axhline(cf_plot, color="k", lw=0.8, ls="--")
   ax.set(xscale="log", xlabel="group size S", ylabel="MoE / dense (2-D) fwd+bwd time",
@@ -470,22 +599,26 @@ def plots(results: dict, out: pathlib.Path) -> bool:
 
 
 SUITES = {"layer": layer_suite, "ops": ops_suite, "memory": memory_suite, "hf": hf_suite,
-          "train": train_suite}
+          "train": train_suite, "mfu": mfu_suite}
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="small grid, for CI")
-  parser.add_argument("--suites", default=",".join(SUITES))
+  parser.add_argument("--grid", choices=sorted(GRIDS), default="full")
+  parser.add_argument("--quick", action="store_true", help="--grid quick: a few minutes on CPU")
+  parser.add_argument("--suites", default=None, help="comma-separated (default: the grid's)")
+  parser.add_argument("--peak_tflops", type=float, default=None,
+                      help="the chip's peak for MFU where PEAK_BF16_FLOPS does not know it")
   parser.add_argument("--out", default=None, help="directory for results.json, RESULTS.md, plots")
   args = parser.parse_args(argv)
-  suites = args.suites.split(",")
+  grid_name = "quick" if args.quick else args.grid
+  grid = dict(GRIDS[grid_name], peak_flops=args.peak_tflops and args.peak_tflops * 1e12)
+  suites = args.suites.split(",") if args.suites else grid["suites"]
   unknown = set(suites) - set(SUITES)
   if unknown:
     parser.error(f"--suites has unknown {sorted(unknown)}")
-  grid = QUICK if args.quick else FULL
   dev = jax.devices()[0]
-  results = {"quick": args.quick, "grid": grid,
+  results = {"grid_name": grid_name, "grid": grid,
              "command": "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
              "environment": {"backend": jax.default_backend(), "device": dev.device_kind,
                              "cpus": os.cpu_count(), "jax": jax.__version__,

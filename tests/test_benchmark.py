@@ -1,5 +1,6 @@
-"""scripts/benchmark.py's hf suite times moe_jax's layer and HF's SparseMLP on the same work:
-same weights, same groups, same capacity, the same tokens dropped."""
+"""scripts/benchmark.py: the hf suite times moe_jax's layer and HF's SparseMLP on the same
+work (same weights, same groups, same capacity, the same tokens dropped); the mfu suite's
+arithmetic and the accelerator grid's models."""
 import math
 import os
 import sys
@@ -8,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from transformers import SwitchTransformersConfig
 from transformers.models.switch_transformers import modeling_switch_transformers as hf
@@ -43,3 +45,43 @@ def test_hf_suite_layers_compute_the_same_tokens():
     y = np.asarray(layer.apply({"params": params}, jnp.asarray(x), deterministic=True))
     np.testing.assert_allclose(y[kept], y_hf[kept], rtol=1e-5, atol=1e-6)
     assert np.all(y[~kept] == 0)  # dropped: left to the residual connection
+
+
+def test_mfu_suite_reports_model_flops_over_step_time_and_peak():
+  """On the tests' 8 simulated devices: MFU divides by 8 chips' peak."""
+  grid = dict(benchmark.QUICK, mfu_batch=8, mfu_lengths={"inputs": 16, "targets": 8},
+              mfu_gemm_size=128, train_calls=1, rounds=1, peak_flops=2e12)
+  rows = benchmark.mfu_suite(grid)
+  assert [r["model"] for r in rows] == ["switch_tiny", "t5_tiny"]
+  devices = jax.device_count()
+  for r in rows:
+    seconds = r["step_ms"] / 1e3
+    assert r["devices"] == devices
+    assert r["tokens_per_s"] == pytest.approx(8 * (16 + 8) / seconds)
+    assert r["mfu"] == pytest.approx(r["flops_per_step"] / seconds / (devices * 2e12))
+    assert r["gemm_fraction"] == pytest.approx(r["flops_per_step"] / seconds
+                                               / (devices * r["gemm_tflops"] * 1e12))
+    assert 0 < r["gemm_fraction"] < 1
+  assert "| switch_tiny |" in benchmark.markdown(
+      {"grid_name": "test", "grid": grid, "mfu": rows, "command": "-",
+       "environment": {"backend": "cpu", "device": "cpu", "cpus": 2, "jax": "-",
+                       "load_average": "-"}})
+
+
+@pytest.mark.parametrize("kind,tflops", [("NVIDIA H200", 989), ("NVIDIA H100 80GB HBM3", 989),
+                                         ("NVIDIA H100 PCIe", 756), ("TPU v5 lite", 197),
+                                         ("TPU v5", 459), ("cpu", None)])
+def test_peak_flops_from_the_data_sheets(kind, tflops):
+  assert benchmark.peak_flops(kind) == (tflops and tflops * 1e12)
+
+
+def test_accelerator_grid_models_build_with_their_strategies():
+  import gin
+  from moe_jax import config
+  for name, bindings in benchmark.ACCELERATOR["mfu_models"]:
+    model = config.build_model([f"models/{name}.gin"], ["ACTIVATION_DTYPE = 'bfloat16'", *bindings])
+    moe = model.module.encoder_moe
+    want = bindings[0].split("'")[1] if bindings else "auto"
+    assert (moe.dispatch if moe else "auto") == want, name
+    assert model.module.config.dtype == "bfloat16"
+    gin.clear_config()

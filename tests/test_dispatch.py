@@ -118,15 +118,17 @@ def _numpy_dropless(x, router_w, wi, wo, k, activations):
   return y
 
 
+@pytest.mark.parametrize("grouped_matmul", [None, "ragged_dot"])
 @pytest.mark.parametrize("k,activations", [(1, ("relu",)), (2, ("gelu", "linear"))])
-def test_dropless_equals_numpy_reference_values_and_gradients(k, activations):
+def test_dropless_equals_numpy_reference_values_and_gradients(k, activations, grouped_matmul):
   """Outputs and the gradients of sum(y · c) w.r.t. every parameter and the input, against
   central differences of a float64 NumPy loop (no capacity, nothing dropped). Router weights
-  are scaled up so routing is far from ties; one expert gets most tokens (uneven groups)."""
+  are scaled up so routing is far from ties; one expert gets most tokens (uneven groups).
+  grouped_matmul: the backend's default (windows on CPU) and the one a GPU picks."""
   rng = np.random.default_rng(3)
   x = rng.normal(size=(2, 8, 6))
   layer = layer_fn(routing.TokensChooseRouter(num_experts=4, num_selected_experts=k), "dropless",
-                   activations=activations)
+                   activations=activations, grouped_matmul=grouped_matmul)
   params = nn.unbox(layer.init({"params": jax.random.key(0)}, jnp.asarray(x, jnp.float32),
                                deterministic=True)["params"])
   params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)

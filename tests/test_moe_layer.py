@@ -193,6 +193,9 @@ def test_configuration_errors():
     make_layer(routing.TokensChooseRouter(num_experts=4), activations=("swish",))
   with pytest.raises(ValueError, match="dispatch=.scatter. is not .auto. or one of"):
     make_layer(routing.TokensChooseRouter(num_experts=4), dispatch="scatter")
+  with pytest.raises(ValueError, match="grouped_matmul='cuda' is not None or one of"):
+    make_layer(routing.TokensChooseRouter(num_experts=4), dispatch="dropless",
+               grouped_matmul="cuda")
 
 
 def test_summarize_averages_over_layers():
