@@ -436,6 +436,8 @@ ACCELERATOR = {**FULL, "tokens": 32768, "experts": [8, 32], "group_sizes": [1024
                "mfu_models": [["switch_base_8", []],
                               ["switch_base_8", ["moe_layer.MoeLayer.dispatch = 'indices'"]],
                               ["switch_base_8", ["moe_layer.MoeLayer.dispatch = 'dropless'"]],
+                              ["switch_base_8", ["moe_layer.MoeLayer.dispatch = 'dropless'",
+                                                 "moe_layer.MoeLayer.grouped_matmul = 'windows'"]],
                               ["t5_base", []]],
                "suites": ["layer", "ops", "mfu"]}
 GRIDS = {"full": FULL, "quick": QUICK, "accelerator": ACCELERATOR}
