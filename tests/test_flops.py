@@ -46,8 +46,10 @@ def step_dot_flops(model: models.EncoderDecoderModel) -> int:
   return dot_flops(jax.make_jaxpr(grad)(params).jaxpr)
 
 
-def test_dense_model_flops_are_the_matmuls_the_step_runs():
-  model = config.build_model(["models/t5_tiny.gin"], TINY)
+@pytest.mark.parametrize("gin_file", ["t5_tiny.gin", "t5_1_1_base.gin"])
+def test_dense_model_flops_are_the_matmuls_the_step_runs(gin_file):
+  """T5 v1.0 (relu, tied logits) and v1.1 (gated-gelu: two input matrices, untied logits)."""
+  model = config.build_model([f"models/{gin_file}"], TINY if "tiny" in gin_file else [])
   assert flops.train_step_flops(model, BATCH, INPUTS, TARGETS) == step_dot_flops(model)
 
 
