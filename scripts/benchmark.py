@@ -35,6 +35,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import statistics
 import sys
 import time
@@ -147,7 +148,15 @@ def layer_suite(grid: dict) -> dict:
     rows.append({"experts": e, "group_size": s, "capacity_factor": cf, "dispatch": d,
                  "moe_ms": 1e3 * t["moe"], "dense_ms": 1e3 * t["dense"],
                  "ratio": t["moe"] / t["dense"]})
+    if strategy(d)[0] == "dropless":  # how the backend lowered the grouped matmuls
+      rows[-1]["custom_calls"] = custom_calls(fn.lower(*args).compile().as_text())
   return {"baseline": base, "rows": rows}
+
+
+def custom_calls(hlo: str) -> list[str]:
+  """The custom-call targets in compiled HLO text: which library kernels (cuDNN, cuBLAS,
+  Pallas) the backend chose, e.g. whether ragged_dot became a grouped GEMM."""
+  return sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
 
 
 def ops_suite(grid: dict) -> list[dict]:
@@ -463,6 +472,9 @@ def markdown(results: dict) -> str:
       cf = "-" if strategy(r["dispatch"])[0] == "dropless" else r["capacity_factor"]
       out.append(f"| {r['experts']} | {r['group_size']} | {cf} | {r['dispatch']} | "
                  f"{r['moe_ms']:.1f} | {r['dense_ms']:.1f} | **{r['ratio']:.2f}** |")
+    out += [f"\nCustom calls in the compiled {r['dispatch']} layer, E={r['experts']}: "
+            f"{', '.join(r['custom_calls']) or 'none'}." for r in results["layer"]["rows"]
+            if "custom_calls" in r]
   if results.get("ops"):
     out += ["", "Where the time goes (fwd+bwd, cf 1.25): router and expert matmuls timed alone; "
             "dispatch + combine = layer - router - experts; layer / dense: against the 2-D "
