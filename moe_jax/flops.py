@@ -42,14 +42,14 @@ def train_step_flops(model: models.EncoderDecoderModel, batch_size: int, inputs_
   def attention(keys: int) -> int:  # per query token: q·k scores and the sum of values
     return 2 * 2 * keys * inner
 
-  encoder = sum(4 * projection + attention(enc)
-                + _ffn_flops(c, module.encoder_moe if models.is_sparse_layer(i, c.encoder_sparse_step)
-                             else None)
+  def ffn(moe: moe_layer.MoeLayer | None, sparse_step: int, i: int) -> float:
+    return _ffn_flops(c, moe if models.is_sparse_layer(i, sparse_step) else None)
+
+  encoder = sum(4 * projection + attention(enc) + ffn(module.encoder_moe, c.encoder_sparse_step, i)
                 for i in range(c.num_encoder_layers)) * enc
   decoder = sum((4 * projection + attention(dec)  # self-attention
                  + 2 * projection + attention(enc)  # cross-attention: q, o and the scores
-                 + _ffn_flops(c, module.decoder_moe if models.is_sparse_layer(i, c.decoder_sparse_step)
-                              else None)) * dec
+                 + ffn(module.decoder_moe, c.decoder_sparse_step, i)) * dec
                 + 2 * projection * enc  # cross-attention keys and values of the encoder output
                 for i in range(c.num_decoder_layers))
   logits = 2 * c.emb_dim * c.vocab_size * dec

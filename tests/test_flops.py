@@ -73,7 +73,8 @@ def test_moe_flops_count_active_experts_not_capacity_slots(gin_file, k):
   """The step runs every expert over its capacity slots (dispatch='indices': no dispatch
   einsums); the model FLOPs count k experts per token. The difference is the empty slots'
   expert matmuls, plus the routing metrics' small one-hot contractions."""
-  model = config.build_model([f"models/{gin_file}"], TINY + ["moe_layer.MoeLayer.dispatch = 'indices'"])
+  model = config.build_model([f"models/{gin_file}"],
+                             TINY + ["moe_layer.MoeLayer.dispatch = 'indices'"])
   moe = model.module.encoder_moe
   e, m, h = moe.num_experts, model.module.config.emb_dim, moe.d_ff
   assert moe.router.num_selected_experts == k
@@ -89,7 +90,8 @@ def test_moe_flops_count_active_experts_not_capacity_slots(gin_file, k):
   dense = config.build_model(["models/t5_tiny.gin"], TINY)
   routers = 3 * 2 * m * e * BATCH * (INPUTS + TARGETS)
   expert_extra = 3 * (k - 1) * 2 * 2 * m * h * BATCH * (INPUTS + TARGETS)
-  assert model_flops == flops.train_step_flops(dense, BATCH, INPUTS, TARGETS) + routers + expert_extra
+  dense_flops = flops.train_step_flops(dense, BATCH, INPUTS, TARGETS)
+  assert model_flops == dense_flops + routers + expert_extra
 
 
 def test_switch_base_8_is_flop_matched_to_t5_base():
