@@ -27,6 +27,7 @@ setuptools.setup(
         "sentencepiece>=0.2.0",
         "clu>=0.0.12",
         "tensorboard>=2.16",
+        "tensorstore>=0.1.20",  # t5x's legacy checkpoint format (checkpoints/t5x_checkpoints.py)
         "tqdm>=4.66",
         "numpy>=1.26",
         "absl-py>=2.0",
@@ -34,10 +35,17 @@ setuptools.setup(
         "rich>=13",  # jax.debug.visualize_array_sharding (notebooks)
     ],
     extras_require={
+        # t5x's own trainer on moe_jax models (moe_jax/t5x_bridge.py). t5x, airio and jestimator
+        # are not on PyPI: install them from source with --no-deps (README, "Train with t5x");
+        # these are the PyPI packages they import. aqtp is flaxformer's (the reference model).
+        "t5x": ["cached_property", "chex", "fiddle>=0.2.5", "grain", "jaxtyping",
+                "aqtp==0.9.0"],
         # HF transformers Switch/T5 import and export (scripts/convert_hf_switch.py).
         "hf": ["safetensors>=0.4", "transformers>=4.45", "torch==2.13.0"],
         "test": [
             "aqtp==0.9.0",  # flaxformer (the parity tests' reference) imports it
+            # t5x (the bridge and checkpoint tests' reference), as the "t5x" extra
+            "cached_property", "chex", "fiddle>=0.2.5", "grain", "jaxtyping",
             "safetensors>=0.4",
             "pytest>=8.0",
             "pytest-xdist>=3.5",

@@ -34,24 +34,20 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-# TF reports pipeline failures as Python exceptions; its C++ log is only noise here (e.g. "failed
-# call to cuInit" on CPU-only hosts). Effective only if TF is not imported yet.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import gin
 import numpy as np
 import pydoc_data.topics
 import sentencepiece as spm
-import seqio
-import tensorflow as tf
+from absl import logging
 
-from moe_jax import corpora
+import moe_jax
 
-try:
-  # The input pipeline runs on the host CPU; JAX owns the accelerators.
-  tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF already initialised its devices elsewhere; nothing left to hide.
-  pass
+# The input pipeline runs on the host CPU (TF's start-up notices dropped, GPUs hidden from it);
+# before seqio, which imports TensorFlow too.
+tf = moe_jax.import_tensorflow()
+import seqio  # noqa: E402  pylint: disable=wrong-import-position
+
+from moe_jax import corpora  # noqa: E402  pylint: disable=wrong-import-position
 
 DEFAULT_TASK = "pydocs_span_corruption"
 DEFAULT_VOCAB_SIZE = 2000
@@ -599,6 +595,66 @@ def _check_text_files(task: str, split: str, files: Sequence[str]) -> None:
                                   f"{head[e.start:e.start + 4]!r})") from None
 
 
+# Examples check_feature_lengths reads per task, from at most this many source documents.
+_LENGTH_PROBE_EXAMPLES = 64
+_LENGTH_PROBE_DOCUMENTS = 2000
+# TF's C++ log of a failing pipeline: a warning line and the failing op on the next.
+_PIPELINE_ERROR_LOG = re.compile(r"W\d{4} .*local_rendezvous\.cc:\d+\] Local rendezvous is "
+                                 r"aborting|\s+\[\[\{\{node ")
+
+
+def _untrimmed_examples(task: seqio.Task, lengths: Mapping[str, int], split: str
+                        ) -> list[dict[str, np.ndarray]]:
+  """The first examples of `task` at `lengths` as its objective makes them, before they are cut
+  to the lengths (append_eos_after_trim becomes append_eos), from its first source documents."""
+  steps = [seqio.preprocessors.append_eos if p is seqio.preprocessors.append_eos_after_trim
+           else p for p in task.preprocessors]
+  probe = seqio.Task(f"{task.name}_untrimmed", source=task.source,
+                     output_features=task.output_features,
+                     preprocessors=[lambda ds: ds.take(_LENGTH_PROBE_DOCUMENTS)] + steps)
+  ds = probe.get_dataset(sequence_length=dict(lengths), split=split, shuffle=False,
+                         num_epochs=1, use_cached=False, trim_output_features=False,
+                         try_in_mem_cache=False)
+  return list(ds.take(_LENGTH_PROBE_EXAMPLES).as_numpy_iterator())
+
+
+def check_feature_lengths(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+                          split: str = "train") -> None:
+  """Reads the first examples of each task at these lengths (before training, as it will make
+  them): one warning line if some are cut to the lengths or keep nothing but EOS; a
+  SettingError if the task makes no example at all or fails at these lengths."""
+  from moe_jax.validation import SettingError  # pylint: disable=import-outside-toplevel
+  lengths = {k: int(task_feature_lengths[k]) for k in ("inputs", "targets")}
+  provider = seqio.get_mixture_or_task(mixture_or_task_name)
+  notes = []
+  for task in getattr(provider, "tasks", None) or [provider]:
+    try:
+      with moe_jax.stderr_without(_PIPELINE_ERROR_LOG):  # the error below says it in one line
+        examples = _untrimmed_examples(task, lengths, split)
+    except tf.errors.OpError as e:  # e.g. a division by zero in the objective
+      cause = e.message.strip().splitlines()[0].rsplit(": ", 1)[-1][:200]
+      raise SettingError("TASK_FEATURE_LENGTHS", f"task {task.name!r} fails at {lengths}: "
+                                                 f"{cause}") from None
+    if not examples:
+      raise SettingError("TASK_FEATURE_LENGTHS", f"task {task.name!r} makes no example at "
+                                                 f"{lengths}: too short for its objective")
+    counts = []
+    for feature, length in lengths.items():
+      sizes = [len(x[feature]) for x in examples if feature in x]
+      cut = sum(n > length for n in sizes)
+      empty = sum(min(n, length) <= 1 for n in sizes)  # EOS alone
+      if cut:
+        counts.append(f"{cut} with {feature} cut to {length} (up to {max(sizes)} tokens)")
+      if empty:
+        counts.append(f"{empty} with empty {feature}")
+    if counts:
+      notes.append(f"{task.name}: of its first {len(examples)} examples, "
+                   f"{', '.join(counts)}")
+  if notes:
+    logging.warning("TASK_FEATURE_LENGTHS %s are short for the data: %s", lengths,
+                    "; ".join(notes))
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches for the trainer
 
@@ -647,8 +703,9 @@ class DatasetIterator(Iterator[dict[str, np.ndarray]]):
     """Continues exactly after the state's batches_consumed batches."""
     changed = {k: (state.get(k), v) for k, v in self._config.items() if state.get(k) != v}
     if changed:
-      hint = (f"; NUM_DATA_SHARDS={changed['num_shards'][0]} (trainer.train.num_data_shards) "
-              "resumes the saved stream" if "num_shards" in changed else "")
+      hint = (f"; NUM_DATA_SHARDS={changed['num_shards'][0]} "
+              "(run_config.DatasetConfig.num_data_shards) resumes the saved stream"
+              if "num_shards" in changed else "")
       raise ValueError(f"dataset state was saved with other settings (saved, now): {changed}"
                        f"{hint}")
     self._consumed = int(state["batches_consumed"])

@@ -29,6 +29,7 @@ from absl import logging
 
 from moe_jax import models
 from moe_jax import partitioning
+from moe_jax import restore
 from moe_jax import trainer as trainer_lib
 from moe_jax import validation
 from moe_jax.checkpoints import orbax_utils
@@ -79,7 +80,7 @@ def _vocab_size(params: PyTree) -> int:
 @gin.configurable
 @dataclasses.dataclass
 class Distillation:
-  """trainer.train's `distillation` (gin/runs/distill.gin).
+  """loop.train's `distillation` (gin/runs/distill.gin).
 
   teacher_checkpoint: a checkpoint_<step> directory or a model dir (latest step) of the MoE
     model the run's MODEL gin describes [TEACHER_CHECKPOINT].
@@ -107,7 +108,7 @@ class Distillation:
     student = dense_student(teacher)
     validation.distillation(self.alpha, _vocab_size(stored), student.module.config.vocab_size)
     teacher_trainer = trainer_lib.Trainer(teacher, partitioner, input_shapes)
-    trainer_lib._check_checkpoint("TEACHER_CHECKPOINT", path, teacher_trainer)  # pylint: disable=protected-access
+    restore.check_checkpoint("TEACHER_CHECKPOINT", path, teacher_trainer)
     params, step = orbax_utils.restore_params_from_path(path, teacher_trainer.abstract_params)
     logging.info("distillation teacher: %s (step %d), alpha %.3g", path, step, self.alpha)
     return DistillationModel(student, teacher, self.alpha), params
@@ -115,8 +116,8 @@ class Distillation:
   def continue_data(self, it: Any) -> None:
     """Moves the training data iterator `it` to the teacher's position (restore_dataset)."""
     if self.restore_dataset:
-      trainer_lib.set_data_state_from(it, self.teacher_checkpoint, "TEACHER_CHECKPOINT",
-                                      "RESTORE_TEACHER_DATASET")
+      restore.set_data_state_from(it, self.teacher_checkpoint, "TEACHER_CHECKPOINT",
+                                  "RESTORE_TEACHER_DATASET")
 
   def init_student(self, trainer: trainer_lib.Trainer, state: trainer_lib.TrainState,
                    teacher_params: PyTree, seed: int) -> trainer_lib.TrainState:

@@ -17,10 +17,11 @@ import gin
 import jax
 from etils import epath
 
+from moe_jax import evaluation
 from moe_jax import metrics_writer
 from moe_jax import partitioning
+from moe_jax import restore
 from moe_jax import train
-from moe_jax import trainer as trainer_lib
 from moe_jax import validation
 from moe_jax.checkpoints import orbax_utils
 
@@ -49,18 +50,18 @@ def evaluate(*, model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
   validation.integer("TRAIN_BATCHES_FROM", train_batches_from, minimum=0, allow_none=True)
   if train_batches_from is not None:
     split = "train"
-  trainer, params, model_dir, step = trainer_lib.restore_for_inference(
+  trainer, params, model_dir, step = restore.restore_for_inference(
       model, partitioner, task_feature_lengths, batch_size, pack, checkpoint_path,
       mixture_or_task_name, split)
-  tasks = trainer_lib.task_names(mixture_or_task_name)
+  tasks = evaluation.task_names(mixture_or_task_name)
   if train_batches_from is not None and len(tasks) > 1:
     raise validation.SettingError("TRAIN_BATCHES_FROM", f"reads one task's training stream; "
                                   f"{mixture_or_task_name} is a mixture of {len(tasks)} tasks")
-  batches = {task: trainer_lib.eval_batches(
+  batches = {task: evaluation.eval_batches(
       task, task_feature_lengths=task_feature_lengths, batch_size=batch_size, split=split,
       eval_steps=eval_steps, pack=pack, seed=seed, train_stream_from=train_batches_from)
       for task in tasks}
-  results = trainer_lib.evaluate_tasks(trainer, params, batches)
+  results = evaluation.evaluate_tasks(trainer, params, batches)
   stream = {} if train_batches_from is None else dict(train_batches_from=train_batches_from,
                                                       seed=seed)
   output_dir = orbax_utils.absolute(output_dir or os.path.join(model_dir, "eval"))

@@ -20,10 +20,12 @@ import jax
 from etils import epath
 import numpy as np
 
+from moe_jax import evaluation
 from moe_jax import models
 from moe_jax import partitioning
+from moe_jax import restore
+from moe_jax import run_config
 from moe_jax import train
-from moe_jax import trainer as trainer_lib
 from moe_jax import validation
 from moe_jax.checkpoints import orbax_utils
 
@@ -61,14 +63,14 @@ def infer(*, model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
   validation.integer("infer.max_decode_length", max_decode_length, minimum=1, allow_none=True)
   validation.integer("MAX_BATCHES", max_batches, minimum=1,
                      allow_none=jax.process_count() == 1)
-  trainer, params, model_dir, step = trainer_lib.restore_for_inference(
+  trainer, params, model_dir, step = restore.restore_for_inference(
       model, partitioner, task_feature_lengths, batch_size, False, checkpoint_path,
       mixture_or_task_name, split)
-  trainer_lib.data_module()  # registers the tasks
+  run_config.data_module()  # registers the tasks
   import seqio  # after data_module: TensorFlow starts only now
   vocabulary = seqio.get_mixture_or_task(mixture_or_task_name).output_features[
       "targets"].vocabulary
-  batches = trainer_lib.eval_batches(
+  batches = evaluation.eval_batches(
       mixture_or_task_name, task_feature_lengths=task_feature_lengths, batch_size=batch_size,
       split=split, eval_steps=max_batches, pack=False, seed=seed)
   decode_length = max_decode_length or task_feature_lengths["targets"]

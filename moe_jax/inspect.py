@@ -38,10 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from moe_jax import evaluation
 from moe_jax import partitioning
+from moe_jax import restore
 from moe_jax import routing
 from moe_jax import train
-from moe_jax import trainer as trainer_lib
 from moe_jax import validation
 from moe_jax.checkpoints import orbax_utils
 
@@ -388,7 +389,7 @@ def inspect_checkpoint(*, model: Any = gin.REQUIRED, checkpoint_path: str = gin.
     raise validation.SettingError("MODEL", "the model has no MoE layer to inspect "
                                            "(ENCODER_SPARSE_STEP = DECODER_SPARSE_STEP = 0)")
   # One example per row (no packing): a row's tokens are one text's.
-  trainer, params, model_dir, step = trainer_lib.restore_for_inference(
+  trainer, params, model_dir, step = restore.restore_for_inference(
       model, partitioner, task_feature_lengths, batch_size, False, checkpoint_path,
       mixture_or_task_name, split)
   import seqio  # pylint: disable=import-outside-toplevel  (after data registered the tasks)
@@ -396,8 +397,8 @@ def inspect_checkpoint(*, model: Any = gin.REQUIRED, checkpoint_path: str = gin.
       "targets"].vocabulary
   pieces = token_pieces(vocabulary, c.vocab_size)
   columns = task_columns(mixture_or_task_name, vocabulary, c.vocab_size, pieces)
-  batches = [b for task in trainer_lib.task_names(mixture_or_task_name)
-             for b in trainer_lib.eval_batches(
+  batches = [b for task in evaluation.task_names(mixture_or_task_name)
+             for b in evaluation.eval_batches(
                  task, task_feature_lengths=task_feature_lengths, batch_size=batch_size,
                  split=split, eval_steps=eval_steps, pack=False)]
 

@@ -8,6 +8,9 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from absl import logging
+
+import moe_jax
 
 # Summed over a period rather than averaged.
 _SUMMED = ("num_tokens", "nonfinite_skipped")
@@ -50,7 +53,8 @@ class MetricsLogger:
     self.active = jax.process_index() == 0
     self.logdir, self.jsonl_path = logdir, jsonl_path
     if self.active:
-      from clu import metric_writers  # imports TensorFlow: only where it writes
+      moe_jax.import_tensorflow()  # clu imports it: without its start-up notices
+      from clu import metric_writers  # pylint: disable=import-outside-toplevel
       self.writer = metric_writers.SummaryWriter(logdir)
       self.jsonl = open(jsonl_path, "a") if jsonl_path else None
 
@@ -75,16 +79,18 @@ class MetricsLogger:
         self.jsonl.close()
 
 
-
-
 def drop_rows_after(jsonl_path: str, step: int) -> None:
-  """Removes rows logged after `step` (a resumed run logs those steps again), atomically."""
+  """Removes rows logged after `step`, atomically, with a one-line warning: a run resumed at
+  `step` logs those steps again."""
   if not os.path.exists(jsonl_path):
     return
   with open(jsonl_path) as f:
-    rows = f.readlines()
-  kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= step]
-  if len(kept) < len(rows):
+    rows = [(json.loads(r)["step"], r) for r in f if r.strip()]
+  dropped = [s for s, _ in rows if s > step]
+  if dropped:
+    logging.warning("%s: dropping %d rows of steps %d-%d, logged after step %d where this run "
+                    "starts; it logs those steps again", jsonl_path, len(dropped), min(dropped),
+                    max(dropped), step)
     with open(jsonl_path + ".tmp", "w") as f:
-      f.writelines(kept)
+      f.writelines(r for s, r in rows if s <= step)
     os.replace(jsonl_path + ".tmp", jsonl_path)

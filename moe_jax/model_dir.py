@@ -2,7 +2,9 @@
 
 The lock is `MODEL_DIR/run.lock`, taken by process 0 for the whole run and naming its holder
 (pid, host, start time). A second run refuses in one line; a lock left by a dead run is taken
-over with a warning. `run_lock` picks one of two kinds:
+over with a warning; a MODEL_DIR that cannot be written is a one-line SettingError. The command
+line looks at the lock first (`check_free`), before its start-up. `run_lock` picks one of two
+kinds:
 
 - `FileLock`, local paths: an exclusive flock, which the kernel releases when the holder dies
   in any way (kill -9 included), so "in use" and "stale" are always told apart correctly.
@@ -48,6 +50,26 @@ def _holder(text: str) -> str:
     return "unknown holder"
 
 
+def _alive_here(text: str) -> bool | None:
+  """Whether the record's process exists, when it names one on this host (else None)."""
+  try:
+    info = json.loads(text)
+    if info["host"] != socket.gethostname():
+      return None
+    os.kill(int(info["pid"]), 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  except (ValueError, KeyError, TypeError):
+    return None
+  return True
+
+
+def _not_writable(model_dir: str, error: OSError) -> SettingError:
+  return SettingError("MODEL_DIR", f"{model_dir} is not writable: {error.strerror or error}")
+
+
 def _in_use(model_dir: str, path: str, holder: str, extra: str = "") -> RunError:
   return RunError(f"MODEL_DIR {model_dir} is in use by another run ({holder}, lock {path}); "
                   f"wait for it to finish or use another MODEL_DIR{extra}")
@@ -58,7 +80,10 @@ class FileLock:
 
   def __init__(self, model_dir: str):
     self.path = os.path.join(model_dir, LOCK_NAME)
-    self._file = open(self.path, "a+")  # pylint: disable=consider-using-with
+    try:
+      self._file = open(self.path, "a+")  # pylint: disable=consider-using-with
+    except OSError as e:  # a read-only mount, no permission (EROFS, EACCES, EPERM)
+      raise _not_writable(model_dir, e) from None
     try:
       fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -99,7 +124,10 @@ class StoreLock:
                       f"; if that run is gone, delete {self.path}")
       logging.warning("taking over the lock %s left by a run that is gone (%s)", self.path,
                       _holder(text))
-    self.path.write_text(_record(self._token))
+    try:
+      self.path.write_text(_record(self._token))
+    except OSError as e:
+      raise _not_writable(model_dir, e) from None
     time.sleep(SETTLE_SECONDS)
     text = self.path.read_text() if self.path.exists() else ""
     if json.loads(text or "{}").get("token") != self._token:
@@ -109,16 +137,7 @@ class StoreLock:
   @staticmethod
   def _dead_here(text: str) -> bool:
     """The record names a process on this host that no longer exists."""
-    try:
-      info = json.loads(text)
-      if info["host"] != socket.gethostname():
-        return False
-      os.kill(int(info["pid"]), 0)
-    except ProcessLookupError:
-      return True
-    except (ValueError, KeyError, TypeError, PermissionError):
-      return False
-    return False
+    return _alive_here(text) is False
 
   def release(self) -> None:
     """Deletes the lock if it is still this run's."""
@@ -127,8 +146,28 @@ class StoreLock:
 
 
 def run_lock(model_dir: str) -> FileLock | StoreLock:
-  """The lock of MODEL_DIR for this run (raises RunError if another run holds it)."""
+  """The lock of MODEL_DIR for this run: SettingError if MODEL_DIR cannot be written, RunError
+  if another run holds it."""
   return StoreLock(model_dir) if "://" in model_dir else FileLock(model_dir)
+
+
+def check_free(model_dir: str) -> None:
+  """RunError at once if a live run on this host holds the lock of a local MODEL_DIR. Takes
+  nothing (the run takes the lock with `run_lock`): lets the command line refuse a busy
+  MODEL_DIR before its start-up, which takes seconds."""
+  path = os.path.join(model_dir, LOCK_NAME)
+  try:
+    lock_file = open(path)  # pylint: disable=consider-using-with
+  except OSError:  # no lock yet, or not readable: run_lock decides
+    return
+  with lock_file:
+    text = lock_file.read()
+    if not _alive_here(text):  # free, stale or another host's: run_lock decides
+      return
+    try:  # the recorded process holds it (not a reused pid): a shared lock cannot be had
+      fcntl.flock(lock_file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise _in_use(model_dir, path, _holder(text)) from None
 
 
 def check_writable(model_dir: str, checkpoint_bytes: int) -> None:

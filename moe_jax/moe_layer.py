@@ -91,6 +91,9 @@ class MoeLayer(nn.Module):
     dtype: dtype of the dispatched activations and expert matmuls (bfloat16 on TPU); the router
       is always float32.
     causal: the layer sits in a decoder; routers that see later tokens are refused.
+    route_padding: padding tokens enter as zero vectors and are routed like real ones (they
+      take capacity and count in the router losses), as in flaxformer's whole models: its
+      layers zero the MoE input at padding positions and moe.gin routes every token.
     dispatch: a strategy in dispatch.STRATEGIES, or 'auto' (see `dispatch_strategy`).
     grouped_matmul: dropless's grouped matmul, one of dispatch.GROUPED_IMPLS; None picks by
       backend ('windows' on CPU, 'megablox' on TPU, 'ragged_dot' elsewhere).
@@ -115,6 +118,7 @@ class MoeLayer(nn.Module):
   init_scale: float = 1.0
   dtype: Any = jnp.float32
   causal: bool = False
+  route_padding: bool = False
   dispatch: str = "auto"
   grouped_matmul: str | None = None
 
@@ -204,6 +208,9 @@ class MoeLayer(nn.Module):
     """
     b, l, m = x.shape
     tokens = b * l
+    if self.route_padding and padding_mask is not None:
+      x = x * padding_mask[..., None].astype(x.dtype)
+      padding_mask = None
     valid = (jnp.ones((b, l), bool) if padding_mask is None else padding_mask.astype(bool))
     stepping = decode and self.has_variable("cache", "expert_fill")
     fill = None

@@ -4,9 +4,9 @@ Every router returns a `RouterOutput` in one format, `[g, s, k]` assignments (ex
 in that expert's buffer, gate, kept), so one dispatch code path serves them all. Expert choice
 uses k = E (assignment j of a token is "expert j took it or not").
 
-Semantics follow docs/design.md ("Routing semantics"): router in float32, priority k-major (all first choices take
-capacity before any second choice), Switch combine weight = raw softmax probability, GShard
-top-2 with gate normalization and second-expert policies, expert choice.
+Semantics follow docs/semantics.md ("Routers"): router in float32, priority k-major (all first
+choices take capacity before any second choice), Switch combine weight = raw softmax
+probability, GShard top-2 with gate normalization and second-expert policies, expert choice.
 """
 from __future__ import annotations
 

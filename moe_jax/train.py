@@ -9,7 +9,7 @@ Flags (shared by moe_jax.eval and moe_jax.infer):
                        names are looked up in --gin_search_paths, then the repo's gin/ and the
                        installed package's gin/.
   --gin.NAME=VALUE     a gin binding, e.g. --gin.BATCH_SIZE=16 or
-                       --gin.trainer.train.stats_period=5;
+                       --gin.loop.train.stats_period=5;
                        an UPPER_CASE NAME must be a macro some gin file defines.
   --gin_bindings=B     a binding in gin syntax ('NAME = VALUE'), repeatable.
   --gin_search_paths=P comma-separated directories searched for gin files.
@@ -24,6 +24,7 @@ exits with status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -33,9 +34,11 @@ import gin
 import jax
 
 from moe_jax import config
+from moe_jax import loop
+from moe_jax import model_dir as model_dir_lib
 from moe_jax import partitioning
-from moe_jax import trainer
 from moe_jax import validation
+from moe_jax.checkpoints import orbax_utils
 
 _MACRO = re.compile(r"\s*([A-Z][A-Z0-9_]*)\s*=")
 
@@ -127,18 +130,52 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: str =
     raise UsageError(str(e)) from None
 
 
+def _refuse_busy_model_dir(args: argparse.Namespace, default_model_dir: bool) -> None:
+  """RunError if another run on this host holds the local MODEL_DIR, before gin's parse, which
+  imports the modules the files name (seconds): MODEL_DIR is read with gin's parser alone
+  (config.peek). Single-process runs only: a peer process of the same run may hold it."""
+  if any(v is not None for v in (args.coordinator_address, args.process_count,
+                                 args.process_index)) or any(
+      os.environ.get(v) for v in (partitioning.ENV_COORDINATOR, partitioning.ENV_NUM_PROCESSES,
+                                  partitioning.ENV_PROCESS_ID)):
+    return
+  paths = _search_paths(args.gin_search_paths)
+  with contextlib.suppress(KeyError):
+    if config.peek(args.gin_files, args.gin_bindings, paths, "initialize_multihost.auto_detect"):
+      return
+  try:
+    model_dir = config.peek(args.gin_files, args.gin_bindings, paths, "MODEL_DIR")
+  except KeyError:  # bound to a reference or unparsable: the run's own lock decides
+    return
+  if model_dir is None and default_model_dir:
+    model_dir = _default_model_dir(args.gin_files)
+  if isinstance(model_dir, str) and "://" not in model_dir:
+    model_dir_lib.check_free(orbax_utils.absolute(model_dir))
+
+
 def run(entry: Callable[[], Any], argv: Sequence[str] | None, prog: str,
-        default_model_dir: bool = False) -> Any:
+        default_model_dir: bool = False, check_model_dir: bool = False) -> Any:
   """Parse flags and gin, start multi-process JAX if asked, call `entry()` (a gin configurable).
 
-  Returns entry's result. A usage or setting error prints one line and exits with status 2, a
-  validation.RunError one line and status 1; --verbose (or MOE_JAX_VERBOSE=1) re-raises them
-  with their traceback.
+  check_model_dir: refuse a MODEL_DIR that another run holds before parsing gin (entry takes
+  the lock itself). Returns entry's result. A usage or setting error prints one line and exits
+  with status 2, a validation.RunError one line and status 1; --verbose (or MOE_JAX_VERBOSE=1)
+  re-raises them with their traceback.
   """
   argv = sys.argv[1:] if argv is None else list(argv)
   verbose = "--verbose" in argv or os.environ.get("MOE_JAX_VERBOSE", "") not in ("", "0")
   try:
     args = parse_flags(argv, prog)
+  except UsageError as e:
+    _exit(prog, str(e), 2)
+  if check_model_dir:
+    try:
+      _refuse_busy_model_dir(args, default_model_dir)
+    except validation.RunError as e:
+      if verbose:
+        raise
+      _exit(prog, str(e), e.exit_status)
+  try:
     parse_gin(args.gin_files, args.gin_bindings, args.gin_search_paths, default_model_dir)
   except UsageError as e:
     _exit(prog, str(e), 2)
@@ -173,9 +210,10 @@ def _exit(prog: str, message: str, status: int):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  summary = run(trainer.train, argv, "moe_jax.train", default_model_dir=True)
+  summary = run(loop.train, argv, "moe_jax.train", default_model_dir=True,
+                check_model_dir=True)
   if jax.process_index() == 0:
-    print(trainer.format_summary(summary), flush=True)
+    print(loop.format_summary(summary), flush=True)
 
 
 if __name__ == "__main__":

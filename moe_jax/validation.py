@@ -4,7 +4,8 @@ Every check raises `SettingError('<SETTING>: <what is wrong and what is allowed>
 the gin macro of gin/runs/*.gin (or the configurable's parameter where no macro exists). The
 CLIs (train.run) print it as one line `<prog>: error: <message>` and exit with status 2; the
 Python API raises it. `RunError` is a run that cannot go on (divergence, a failed save, a busy
-MODEL_DIR): one line and exit status 1.
+MODEL_DIR): one line and exit status 1. A setting that works but does less than it says (a
+GROUP_SIZE no batch fills) is a one-line warning (absl logging).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numbers
 from typing import Any, Iterable, Mapping
 
 import jax
+from absl import logging
 
 
 class SettingError(ValueError):
@@ -160,6 +162,35 @@ def moe_layer(where: str, template: Any, causal: bool, partitioner: Any) -> None
   if layer.router.jitter_noise >= 1:
     raise SettingError("ROUTER_JITTER_NOISE",
                        f"must be in [0, 1) (x · U(1-ε, 1+ε)), got {layer.router.jitter_noise}")
+
+
+def group_sizes(model: Any, partitioner: Any, task_feature_lengths: Mapping[str, int],
+                batch_size: int, num_microbatches: int = 1) -> None:
+  """One warning line when a training batch has fewer tokens per batch partition than
+  GROUP_SIZE for some MoE stack: its layers then route fewer, smaller groups than GROUP_SIZE
+  says (with a smaller expert capacity). Call after `model` and `batch` passed."""
+  config = model.module.config
+  rows = batch_size // num_microbatches  # what one forward pass sees
+  found = []
+  for stack, feature in (("encoder", "inputs"), ("decoder", "targets")):
+    template = getattr(model.module, f"{stack}_moe")
+    if getattr(config, f"{stack}_sparse_step") <= 0 or template is None:
+      continue
+    layer = template.copy(causal=stack == "decoder")
+    if layer.num_groups is not None or layer.group_rule == "sequence":
+      continue  # GROUP_SIZE is not what groups the tokens
+    length, partitions = task_feature_lengths[feature], partitioner.batch_partitions
+    g, s = layer.group_shape(rows, length, partitions)
+    fewest, _ = layer.copy(group_size=rows * length).group_shape(rows, length, partitions)
+    if s < layer.group_size and g == fewest:
+      found.append(f"{stack}: {rows} rows x {feature} {length} = {rows * length} tokens route "
+                   f"as {g} group{'s' if g > 1 else ''} of {s}, not {layer.group_size} (expert "
+                   f"capacity {layer.expert_capacity(s, False)})")
+  if found:
+    micro = f" / NUM_MICROBATCHES={num_microbatches}" if num_microbatches > 1 else ""
+    logging.warning("GROUP_SIZE is more than a training batch gives each group (BATCH_SIZE=%d%s, "
+                    "%d batch partitions): %s", batch_size, micro,
+                    partitioner.batch_partitions, "; ".join(found))
 
 
 def vocabulary(model: Any, task_vocab_size: int) -> None:

@@ -27,10 +27,14 @@ Suites:
 Grids: `full` (default) and `quick` for the CPU; `accelerator` for one GPU or TPU chip
 (bfloat16, 32,768 tokens per layer call, the grouped matmul of dropless both ways, suites layer,
 ops and mfu; a few minutes on an H100/H200 once compiled).
+
+A grid is an entry of GRIDS (the JSON's "grid"); a suite is an entry of SUITES: its measurement
+(grid -> the JSON's rows), its RESULTS.md section and its panel of benchmark.png, if any.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -50,12 +54,59 @@ import tqdm
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import moe_layer, routing
 
+# Grids: the sizes the suites run at, one flat dict each (the JSON's "grid", as written). FULL:
+# the 2-core CPU's full suite; QUICK: a reduced one in minutes; ACCELERATOR: one GPU or TPU chip.
+FULL = {"tokens": 4096, "d_model": 512, "d_ff": 2048, "experts": [8, 32, 128],
+        "group_sizes": [256, 1024, 4096], "capacity_factors": [1.0, 1.25, 2.0],
+        "strategies": ["einsum", "indices", "dropless"], "calls": 3, "rounds": 3,
+        "ops_experts": [8, 32], "ops_group_size": 1024,
+        "memory_tokens": [2048, 4096, 8192, 16384], "memory_group_size": 1024,
+        "memory_fixed_tokens": 8192, "memory_group_sizes": [256, 1024, 4096, 8192],
+        "hf_experts": [8, 32], "hf_seq_len": 512, "train_batch": 32,
+        "train_lengths": {"inputs": 64, "targets": 16}, "train_calls": 10,
+        "train_pairs": [["switch_tiny", "t5_tiny"], ["switch_mini", "t5_mini"]],
+        "dtype": "float32", "mfu_batch": 32, "mfu_lengths": {"inputs": 64, "targets": 16},
+        "mfu_gemm_size": 2048,
+        "mfu_models": [["switch_tiny", []], ["t5_tiny", []], ["switch_mini", []], ["t5_mini", []]],
+        "suites": ["layer", "ops", "memory", "hf", "train", "mfu"]}
+QUICK = {**FULL, "tokens": 2048, "d_model": 256, "d_ff": 1024, "experts": [8, 32],
+         "group_sizes": [1024], "capacity_factors": [1.25], "calls": 2, "rounds": 2,
+         "memory_tokens": [1024, 2048, 4096], "memory_fixed_tokens": 4096,
+         "memory_group_sizes": [256, 1024, 4096], "hf_experts": [8], "train_batch": 8,
+         "train_calls": 5, "train_pairs": [["switch_tiny", "t5_tiny"]], "mfu_batch": 8,
+         "mfu_gemm_size": 1024, "mfu_models": [["switch_tiny", []], ["t5_tiny", []]]}
+# One GPU or TPU chip: the layer targets at a batch that fills the chip (the CPU grid's 4,096
+# tokens take ~0.1 ms there), dropless through both grouped matmuls, and the MFU of
+# Switch-Base-8 (per strategy; its dense twin T5-Base) at the paper's sequence lengths.
+ACCELERATOR = {**FULL, "tokens": 32768, "experts": [8, 32], "group_sizes": [1024, 4096],
+               "capacity_factors": [1.25],
+               "strategies": ["einsum", "indices", "dropless", "dropless:windows"],
+               "calls": 10, "rounds": 3, "dtype": "bfloat16", "train_calls": 5,
+               "mfu_batch": 64, "mfu_lengths": {"inputs": 512, "targets": 114},
+               "mfu_gemm_size": 8192,
+               "mfu_models": [["switch_base_8", []],
+                              ["switch_base_8", ["moe_layer.MoeLayer.dispatch = 'indices'"]],
+                              ["switch_base_8", ["moe_layer.MoeLayer.dispatch = 'dropless'"]],
+                              ["switch_base_8", ["moe_layer.MoeLayer.dispatch = 'dropless'",
+                                                 "moe_layer.MoeLayer.grouped_matmul = 'windows'"]],
+                              ["t5_base", []]],
+               "suites": ["layer", "ops", "mfu"]}
+GRIDS = {"full": FULL, "quick": QUICK, "accelerator": ACCELERATOR}
+
 # flaxformer's MoeLayer (built from its sources on jax 0.10.2; it is not installable here), fwd+bwd
 # ms on the idle 2-core CPU, 4096 tokens, m=512, h=2048, top-1, cf 1.25, groups of 1024, with
 # HF's SparseMLP (groups = sequences of 512) timed in the same run. Compared through HF, the
 # reference both runs share: flaxformer / HF there vs moe_jax / HF here.
 FLAXFORMER_RECORDED = {8: {"scatter_ms": 408.0, "masked_ms": 570.0, "hf_ms": 320.0},
                        32: {"scatter_ms": 496.0, "masked_ms": 687.0, "hf_ms": 390.0}}
+# Dense bfloat16 peak FLOP/s per chip, from the vendors' data sheets: MFU's denominator. A
+# device kind takes the longest name it contains ('NVIDIA H100 PCIe' -> 'H100 PCIe').
+PEAK_BF16_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12,
+                   "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12,
+                   "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+# ---- timing ---------------------------------------------------------------------------------
 
 
 def timed_blocks(fns: dict[str, Callable[[], object]], calls: int, rounds: int
@@ -134,6 +185,9 @@ def baselines(grid: dict) -> tuple[dict, Callable[[], object]]:
           lambda: dense(*dargs))
 
 
+# ---- the suites: each one's measurement, RESULTS.md section and plot panel ------------------
+
+
 def layer_suite(grid: dict) -> dict:
   m, h, tokens = grid["d_model"], grid["d_ff"], grid["tokens"]
   base, dense = baselines(grid)
@@ -157,6 +211,48 @@ def custom_calls(hlo: str) -> list[str]:
   """The custom-call targets in compiled HLO text: which library kernels (cuDNN, cuBLAS,
   Pallas) the backend chose, e.g. whether ragged_dot became a grouped GEMM."""
   return sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
+
+
+def _layer_section(layer: dict, grid: dict) -> list[str]:
+  base = layer["baseline"]
+  out = ["", f"Layer: top-1, {grid['tokens']} tokens, m={grid['d_model']}, h={grid['d_ff']}; "
+         "ratio = MoE fwd+bwd / dense FFN fwd+bwd with the same active FLOPs per token, "
+         "tokens as one 2-D matrix. Dense FFN: "
+         f"{base['dense_ms']:.1f} ms = **{base['dense_gflops']:.0f} GFLOP/s**; GEMM peak "
+         f"(one [T,m]@[m,h] matmul): {base['gemm_ms']:.1f} ms = "
+         f"**{base['gemm_gflops']:.0f} GFLOP/s**.", "",
+         "| E | group S | cf | dispatch | MoE ms | dense ms | ratio |",
+         "|---|---|---|---|---|---|---|"]
+  for r in layer["rows"]:
+    cf = "-" if strategy(r["dispatch"])[0] == "dropless" else r["capacity_factor"]
+    out.append(f"| {r['experts']} | {r['group_size']} | {cf} | {r['dispatch']} | "
+               f"{r['moe_ms']:.1f} | {r['dense_ms']:.1f} | **{r['ratio']:.2f}** |")
+  return out + [f"\nCustom calls in the compiled {r['dispatch']} layer, E={r['experts']}: "
+                f"{', '.join(r['custom_calls']) or 'none'}." for r in layer["rows"]
+                if "custom_calls" in r]
+
+
+def _plot_layer(ax, layer: dict) -> None:
+  import matplotlib.ticker  # pylint: disable=import-outside-toplevel
+  rows, cf_plot = layer["rows"], 1.25
+  for d, marker in (("einsum", "o"), ("indices", "s")):
+    for e in sorted({r["experts"] for r in rows}):
+      pts = [(r["group_size"], r["ratio"]) for r in rows
+             if r["dispatch"] == d and r["experts"] == e and r["capacity_factor"] == cf_plot]
+      if pts:
+        ax.plot(*zip(*sorted(pts)), marker=marker, label=f"{d} E={e}")
+  sizes = sorted({r["group_size"] for r in rows})
+  for r in rows:
+    if strategy(r["dispatch"])[0] == "dropless":
+      ax.axhline(r["ratio"], ls=":", color="gray")
+      ax.text(sizes[0], r["ratio"] * 1.02, f"{r['dispatch']} E={r['experts']}", fontsize=7)
+  ax.axhline(1.0, color="k", lw=0.8)
+  ax.axhline(cf_plot, color="k", lw=0.8, ls="--")
+  ax.set(xscale="log", xlabel="group size S", ylabel="MoE / dense (2-D) fwd+bwd time",
+         title=f"MoE layer vs dense FFN (top-1, cf {cf_plot}; dashed: cf x dense)")
+  ax.set_xticks(sizes, [str(v) for v in sizes], minor=False)
+  ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+  ax.legend(fontsize=7)
 
 
 def ops_suite(grid: dict) -> list[dict]:
@@ -215,6 +311,43 @@ def ops_suite(grid: dict) -> list[dict]:
   return rows
 
 
+def _ops_section(ops: list[dict], grid: dict) -> list[str]:
+  out = ["", "Where the time goes (fwd+bwd, cf 1.25): router and expert matmuls timed alone; "
+         "dispatch + combine = layer - router - experts; layer / dense: against the 2-D "
+         "dense FFN timed in the same rounds.", "",
+         "| E | dispatch | C | layer ms | dense ms | layer / dense | router ms | "
+         "router GFLOP/s | experts ms | experts GFLOP/s | dispatch+combine ms |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in ops:
+    c = "-" if strategy(r["dispatch"])[0] == "dropless" else r["capacity"]
+    out.append(f"| {r['experts']} | {r['dispatch']} | {c} | {r['layer_ms']:.1f} | "
+               f"{r['dense_ms']:.1f} | **{r['layer_over_dense']:.2f}** | "
+               f"{r['router_ms']:.1f} | {r['router_gflops']:.1f} | {r['experts_ms']:.1f} | "
+               f"{r['experts_gflops']:.0f} | {r['dispatch_combine_ms']:.1f} |")
+  return out
+
+
+def _plot_ops(ax, ops: list[dict]) -> None:
+  """Stacked fwd+bwd ms per (E, strategy): router, expert matmuls, dispatch + combine; the 2-D
+  dense FFN and 1.25 x it over each bar."""
+  x = np.arange(len(ops))
+  bottom = np.zeros(len(ops))
+  for key, label in (("router_ms", "router"), ("experts_ms", "expert matmuls"),
+                     ("dispatch_combine_ms", "dispatch + combine")):
+    v = np.array([max(r[key], 0.0) for r in ops])
+    ax.bar(x, v, bottom=bottom, label=label)
+    bottom += v
+  for i, r in enumerate(ops):
+    ax.hlines(r["dense_ms"], i - 0.4, i + 0.4, color="k",
+              label="dense FFN (2-D)" if i == 0 else None)
+    ax.hlines(1.25 * r["dense_ms"], i - 0.4, i + 0.4, color="k", ls="--",
+              label="1.25 x dense" if i == 0 else None)
+    ax.text(i, bottom[i], f"{r['layer_over_dense']:.2f}x", ha="center", va="bottom", fontsize=8)
+  ax.set_xticks(x, [f"E={r['experts']}\n{r['dispatch']}" for r in ops], fontsize=8)
+  ax.set(ylabel="fwd+bwd ms", title="Where the layer's time goes (cf 1.25; label: / dense)")
+  ax.legend(fontsize=7)
+
+
 def memory_suite(grid: dict) -> list[dict]:
   """Compiled temp bytes of the layer's fwd+bwd, no execution needed: einsum vs tokens at a
   fixed group size and vs group size at fixed tokens; dropless vs tokens."""
@@ -231,6 +364,29 @@ def memory_suite(grid: dict) -> list[dict]:
     rows.append({"sweep": sweep, "dispatch": d, "tokens": tokens, "group_size": gs,
                  "temp_bytes": int(stats.temp_size_in_bytes)})
   return rows
+
+
+def _memory_section(memory: list[dict], grid: dict) -> list[str]:
+  out = ["", "Peak temporary memory of fwd+bwd (E=8, cf 1.25, XLA memory analysis):", "",
+         "| dispatch | sweep | tokens | group S | temp MiB | MiB per 1k tokens |",
+         "|---|---|---|---|---|---|"]
+  for r in memory:
+    mib = r["temp_bytes"] / 2**20
+    out.append(f"| {r['dispatch']} | {r['sweep']} | {r['tokens']} | {r['group_size']} | "
+               f"{mib:.1f} | {mib / r['tokens'] * 1000:.2f} |")
+  return out
+
+
+def _plot_memory(ax, memory: list[dict]) -> None:
+  for d in ("einsum", "dropless"):
+    for sweep in ("tokens", "group_size"):
+      pts = [(r[sweep], r["temp_bytes"] / 2**20) for r in memory
+             if r["sweep"] == sweep and r["dispatch"] == d]
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label=f"{d} vs {sweep}")
+  ax.set(xscale="log", yscale="log", xlabel="tokens or group size",
+         ylabel="temp memory (MiB)", title="Peak memory: linear in tokens at fixed S")
+  ax.legend()
 
 
 def hf_matched_layer(num_experts: int, d_ff: int, capacity: int, seq_len: int,
@@ -270,7 +426,8 @@ def hf_suite(grid: dict) -> list[dict]:
     cap = routing.expert_capacity(seq, e, cf)
     config = SwitchTransformersConfig(d_model=m, d_ff=h, num_experts=e, expert_capacity=cap,
                                       router_jitter_noise=0.0, dropout_rate=0.0)
-    torch_moe, torch_dense = hf.SwitchTransformersSparseMLP(config), hf.SwitchTransformersDenseActDense(config)
+    torch_moe = hf.SwitchTransformersSparseMLP(config)
+    torch_dense = hf.SwitchTransformersDenseActDense(config)
     x_np = np.random.default_rng(0).normal(size=(tokens // seq, seq, m)).astype(np.float32)
     x_t = torch.tensor(x_np, requires_grad=True)
 
@@ -307,6 +464,23 @@ def hf_suite(grid: dict) -> list[dict]:
   return rows
 
 
+def _hf_section(hf_rows: list[dict], grid: dict) -> list[str]:
+  out = ["", "Against HF transformers SwitchTransformersSparseMLP (PyTorch CPU), same weights, "
+         "fwd+bwd, groups = sequences; flaxformer (scatter router) through its recorded "
+         "ratio to HF (scripts/benchmark.py FLAXFORMER_RECORDED):", "",
+         "| E | tokens | C | HF MoE ms | einsum ms | indices ms | dropless ms | "
+         "HF MoE / HF dense | best | best / HF | flaxformer / HF (recorded) | "
+         "speed-up vs flaxformer |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in hf_rows:
+    flax = (f"{r['flaxformer_over_hf']:.2f} | {r['speedup_vs_flaxformer']:.2f}"
+            if r["flaxformer_over_hf"] else " | ")
+    out.append(f"| {r['experts']} | {r['tokens']} | {r['capacity']} | {r['hf_moe_ms']:.1f} | "
+               f"{r['einsum_ms']:.1f} | {r['indices_ms']:.1f} | {r['dropless_ms']:.1f} | "
+               f"{r['hf_moe_over_hf_dense']:.2f} | {r['best']} | **{r['best_over_hf']:.2f}** | "
+               f"{flax} |")
+  return out
+
+
 def compiled_train_step(name: str, bindings: list[str], make_batch: Callable[[object], dict],
                         lengths: dict, pack: bool) -> tuple[object, Callable[[], object]]:
   """(model, step): gin model `name` with `bindings` and a thunk that runs one compiled
@@ -315,13 +489,13 @@ def compiled_train_step(name: str, bindings: list[str], make_batch: Callable[[ob
   built and compiled while its config is in force, which is cleared afterwards."""
   import gin
 
-  from moe_jax import config, partitioning, trainer
+  from moe_jax import config, optimizers, partitioning, trainer
 
   model = config.build_model([f"models/{name}.gin"], bindings)
   batch = make_batch(model)
   partitioner = partitioning.Partitioner()
   tr = trainer.Trainer(model, partitioner, trainer.batch_shapes(
-      lengths, len(batch["encoder_input_tokens"]), pack), trainer.adafactor)
+      lengths, len(batch["encoder_input_tokens"]), pack), optimizers.adafactor)
   sharded = partitioner.shard_batch(batch)
   holder = {"state": tr.init_state(0)}
 
@@ -339,10 +513,10 @@ def train_suite(grid: dict) -> list[dict]:
   (Trainer.train_step: loss, grads, Adafactor, non-finite guard, donated state) on packed
   batches of the pretrain run's task and shapes (gin/runs/pretrain.gin), counted as the trainer
   counts (non-padding tokens). Each pair in one process, timed in blocks of steps."""
-  from moe_jax import trainer
+  from moe_jax import run_config
 
   batch_size, lengths = grid["train_batch"], grid["train_lengths"]
-  it = trainer.data_module().get_dataset("pydocs_span_corruption", lengths, "train", batch_size)
+  it = run_config.data_module().get_dataset("pydocs_span_corruption", lengths, "train", batch_size)
   local = next(it)
   tokens = int(np.count_nonzero(local["encoder_input_tokens"])
                + np.count_nonzero(local["decoder_target_tokens"]))
@@ -356,14 +530,21 @@ def train_suite(grid: dict) -> list[dict]:
   return rows
 
 
-# Dense bfloat16 peak FLOP/s per chip, from the vendors' data sheets: MFU's denominator. A
-# device kind takes the longest name it contains ('NVIDIA H100 PCIe' -> 'H100 PCIe').
-PEAK_BF16_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12,
-                   "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12,
-                   "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+def _train_section(train: list[dict], grid: dict) -> list[str]:
+  out = ["", f"Training step (Trainer.train_step: fwd+bwd, Adafactor, guard), batch "
+         f"{grid['train_batch']}, lengths {grid['train_lengths']}, packed pretrain task; "
+         f"{grid['train_calls']} steps per block:", "", "| model | step ms | tokens/s |",
+         "|---|---|---|"]
+  for r in train:
+    if "tokens_per_s" in r:
+      out.append(f"| {r['model']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} |")
+    else:
+      out.append(f"| {r['model']} | | **{r['tokens_per_s_ratio']:.2f}** |")
+  return out
 
 
 def peak_flops(device_kind: str) -> float | None:
+  """A device kind's bf16 peak FLOP/s per chip (PEAK_BF16_FLOPS), None if not listed."""
   names = [k for k in PEAK_BF16_FLOPS if k in device_kind]
   return PEAK_BF16_FLOPS[max(names, key=len)] if names else None
 
@@ -414,42 +595,41 @@ def mfu_suite(grid: dict) -> list[dict]:
   return rows
 
 
-FULL = {"tokens": 4096, "d_model": 512, "d_ff": 2048, "experts": [8, 32, 128],
-        "group_sizes": [256, 1024, 4096], "capacity_factors": [1.0, 1.25, 2.0],
-        "strategies": ["einsum", "indices", "dropless"], "calls": 3, "rounds": 3,
-        "ops_experts": [8, 32], "ops_group_size": 1024,
-        "memory_tokens": [2048, 4096, 8192, 16384], "memory_group_size": 1024,
-        "memory_fixed_tokens": 8192, "memory_group_sizes": [256, 1024, 4096, 8192],
-        "hf_experts": [8, 32], "hf_seq_len": 512, "train_batch": 32,
-        "train_lengths": {"inputs": 64, "targets": 16}, "train_calls": 10,
-        "train_pairs": [["switch_tiny", "t5_tiny"], ["switch_mini", "t5_mini"]],
-        "dtype": "float32", "mfu_batch": 32, "mfu_lengths": {"inputs": 64, "targets": 16},
-        "mfu_gemm_size": 2048,
-        "mfu_models": [["switch_tiny", []], ["t5_tiny", []], ["switch_mini", []], ["t5_mini", []]],
-        "suites": ["layer", "ops", "memory", "hf", "train", "mfu"]}
-QUICK = {**FULL, "tokens": 2048, "d_model": 256, "d_ff": 1024, "experts": [8, 32],
-         "group_sizes": [1024], "capacity_factors": [1.25], "calls": 2, "rounds": 2,
-         "memory_tokens": [1024, 2048, 4096], "memory_fixed_tokens": 4096,
-         "memory_group_sizes": [256, 1024, 4096], "hf_experts": [8], "train_batch": 8,
-         "train_calls": 5, "train_pairs": [["switch_tiny", "t5_tiny"]], "mfu_batch": 8,
-         "mfu_gemm_size": 1024, "mfu_models": [["switch_tiny", []], ["t5_tiny", []]]}
-# One GPU or TPU chip: the layer targets at a batch that fills the chip (the CPU grid's 4,096
-# tokens take ~0.1 ms there), dropless through both grouped matmuls, and the MFU of
-# Switch-Base-8 (per strategy; its dense twin T5-Base) at the paper's sequence lengths.
-ACCELERATOR = {**FULL, "tokens": 32768, "experts": [8, 32], "group_sizes": [1024, 4096],
-               "capacity_factors": [1.25],
-               "strategies": ["einsum", "indices", "dropless", "dropless:windows"],
-               "calls": 10, "rounds": 3, "dtype": "bfloat16", "train_calls": 5,
-               "mfu_batch": 64, "mfu_lengths": {"inputs": 512, "targets": 114},
-               "mfu_gemm_size": 8192,
-               "mfu_models": [["switch_base_8", []],
-                              ["switch_base_8", ["moe_layer.MoeLayer.dispatch = 'indices'"]],
-                              ["switch_base_8", ["moe_layer.MoeLayer.dispatch = 'dropless'"]],
-                              ["switch_base_8", ["moe_layer.MoeLayer.dispatch = 'dropless'",
-                                                 "moe_layer.MoeLayer.grouped_matmul = 'windows'"]],
-                              ["t5_base", []]],
-               "suites": ["layer", "ops", "mfu"]}
-GRIDS = {"full": FULL, "quick": QUICK, "accelerator": ACCELERATOR}
+def _mfu_section(mfu: list[dict], grid: dict) -> list[str]:
+  first = mfu[0]
+  peak = (f"{first['peak_tflops']:.0f} TFLOP/s per chip (data sheet, bf16 dense)"
+          if first["peak_tflops"] else "none known for this device (--peak_tflops)")
+  out = ["", f"MFU of the training step (Trainer.train_step, Adafactor), {first['devices']} "
+         f"device(s), batch {grid['mfu_batch']}, lengths {grid['mfu_lengths']}, synthetic "
+         f"full-length sequences; model FLOPs from moe_jax.flops. Peak: {peak}; a "
+         f"{grid['mfu_gemm_size']}³ matmul measured {first['gemm_tflops']:.3g} TFLOP/s in "
+         "the same run.", "",
+         "| model | step ms | tokens/s | model TFLOP/step | TFLOP/s | MFU | / measured GEMM |",
+         "|---|---|---|---|---|---|---|"]
+  for r in mfu:
+    mfu_pct = f"**{100 * r['mfu']:.1f}%**" if r["mfu"] else "-"
+    out.append(f"| {r['model']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
+               f"{r['flops_per_step'] / 1e12:.3g} | {r['achieved_tflops']:.3g} | {mfu_pct} | "
+               f"{100 * r['gemm_fraction']:.1f}% |")
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+  """A suite: its measurement (grid -> the JSON's rows), its RESULTS.md section (rows, grid ->
+  Markdown lines) and its panel of benchmark.png (axes, rows), if any."""
+  run: Callable[[dict], object]
+  section: Callable[[object, dict], list[str]]
+  panel: Callable[[object, object], None] | None = None
+
+
+# In the order of RESULTS.md's sections and benchmark.png's panels.
+SUITES = {"layer": Suite(layer_suite, _layer_section, _plot_layer),
+          "ops": Suite(ops_suite, _ops_section, _plot_ops),
+          "memory": Suite(memory_suite, _memory_section, _plot_memory),
+          "hf": Suite(hf_suite, _hf_section),
+          "train": Suite(train_suite, _train_section),
+          "mfu": Suite(mfu_suite, _mfu_section)}
 
 
 def markdown(results: dict) -> str:
@@ -459,149 +639,18 @@ def markdown(results: dict) -> str:
          f"load average at start {env['load_average']} · command: `{results['command']}`", "",
          f"Timing: each function {grid['calls']} calls in a row after an untimed one, "
          f"{grid['rounds']} alternating rounds, median over rounds."]
-  if results.get("layer"):
-    base = results["layer"]["baseline"]
-    out += ["", f"Layer: top-1, {grid['tokens']} tokens, m={grid['d_model']}, h={grid['d_ff']}; "
-            "ratio = MoE fwd+bwd / dense FFN fwd+bwd with the same active FLOPs per token, "
-            "tokens as one 2-D matrix. Dense FFN: "
-            f"{base['dense_ms']:.1f} ms = **{base['dense_gflops']:.0f} GFLOP/s**; GEMM peak "
-            f"(one [T,m]@[m,h] matmul): {base['gemm_ms']:.1f} ms = "
-            f"**{base['gemm_gflops']:.0f} GFLOP/s**.", "",
-            "| E | group S | cf | dispatch | MoE ms | dense ms | ratio |", "|---|---|---|---|---|---|---|"]
-    for r in results["layer"]["rows"]:
-      cf = "-" if strategy(r["dispatch"])[0] == "dropless" else r["capacity_factor"]
-      out.append(f"| {r['experts']} | {r['group_size']} | {cf} | {r['dispatch']} | "
-                 f"{r['moe_ms']:.1f} | {r['dense_ms']:.1f} | **{r['ratio']:.2f}** |")
-    out += [f"\nCustom calls in the compiled {r['dispatch']} layer, E={r['experts']}: "
-            f"{', '.join(r['custom_calls']) or 'none'}." for r in results["layer"]["rows"]
-            if "custom_calls" in r]
-  if results.get("ops"):
-    out += ["", "Where the time goes (fwd+bwd, cf 1.25): router and expert matmuls timed alone; "
-            "dispatch + combine = layer - router - experts; layer / dense: against the 2-D "
-            "dense FFN timed in the same rounds.", "",
-            "| E | dispatch | C | layer ms | dense ms | layer / dense | router ms | "
-            "router GFLOP/s | experts ms | experts GFLOP/s | dispatch+combine ms |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results["ops"]:
-      c = "-" if strategy(r["dispatch"])[0] == "dropless" else r["capacity"]
-      out.append(f"| {r['experts']} | {r['dispatch']} | {c} | {r['layer_ms']:.1f} | "
-                 f"{r['dense_ms']:.1f} | **{r['layer_over_dense']:.2f}** | "
-                 f"{r['router_ms']:.1f} | {r['router_gflops']:.1f} | {r['experts_ms']:.1f} | "
-                 f"{r['experts_gflops']:.0f} | {r['dispatch_combine_ms']:.1f} |")
-  if results.get("memory"):
-    out += ["", "Peak temporary memory of fwd+bwd (E=8, cf 1.25, XLA memory analysis):", "",
-            "| dispatch | sweep | tokens | group S | temp MiB | MiB per 1k tokens |",
-            "|---|---|---|---|---|---|"]
-    for r in results["memory"]:
-      mib = r["temp_bytes"] / 2**20
-      out.append(f"| {r['dispatch']} | {r['sweep']} | {r['tokens']} | {r['group_size']} | "
-                 f"{mib:.1f} | {mib / r['tokens'] * 1000:.2f} |")
-  if results.get("hf"):
-    out += ["", "Against HF transformers SwitchTransformersSparseMLP (PyTorch CPU), same weights, "
-            "fwd+bwd, groups = sequences; flaxformer (scatter router) through its recorded "
-            "ratio to HF (scripts/benchmark.py FLAXFORMER_RECORDED):", "",
-            "| E | tokens | C | HF MoE ms | einsum ms | indices ms | dropless ms | "
-            "HF MoE / HF dense | best | best / HF | flaxformer / HF (recorded) | "
-            "speed-up vs flaxformer |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results["hf"]:
-      flax = (f"{r['flaxformer_over_hf']:.2f} | {r['speedup_vs_flaxformer']:.2f}"
-              if r["flaxformer_over_hf"] else " | ")
-      out.append(f"| {r['experts']} | {r['tokens']} | {r['capacity']} | {r['hf_moe_ms']:.1f} | "
-                 f"{r['einsum_ms']:.1f} | {r['indices_ms']:.1f} | {r['dropless_ms']:.1f} | "
-                 f"{r['hf_moe_over_hf_dense']:.2f} | {r['best']} | **{r['best_over_hf']:.2f}** | "
-                 f"{flax} |")
-  if results.get("train"):
-    out += ["", f"Training step (Trainer.train_step: fwd+bwd, Adafactor, guard), batch "
-            f"{grid['train_batch']}, lengths {grid['train_lengths']}, packed pretrain task; "
-            f"{grid['train_calls']} steps per block:", "", "| model | step ms | tokens/s |",
-            "|---|---|---|"]
-    for r in results["train"]:
-      if "tokens_per_s" in r:
-        out.append(f"| {r['model']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} |")
-      else:
-        out.append(f"| {r['model']} | | **{r['tokens_per_s_ratio']:.2f}** |")
-  if results.get("mfu"):
-    first = results["mfu"][0]
-    peak = (f"{first['peak_tflops']:.0f} TFLOP/s per chip (data sheet, bf16 dense)"
-            if first["peak_tflops"] else "none known for this device (--peak_tflops)")
-    out += ["", f"MFU of the training step (Trainer.train_step, Adafactor), {first['devices']} "
-            f"device(s), batch {grid['mfu_batch']}, lengths {grid['mfu_lengths']}, synthetic "
-            f"full-length sequences; model FLOPs from moe_jax.flops. Peak: {peak}; a "
-            f"{grid['mfu_gemm_size']}³ matmul measured {first['gemm_tflops']:.3g} TFLOP/s in "
-            "the same run.", "",
-            "| model | step ms | tokens/s | model TFLOP/step | TFLOP/s | MFU | / measured GEMM |",
-            "|---|---|---|---|---|---|---|"]
-    for r in results["mfu"]:
-      mfu = f"**{100 * r['mfu']:.1f}%**" if r["mfu"] else "-"
-      out.append(f"| {r['model']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | "
-                 f"{r['flops_per_step'] / 1e12:.3g} | {r['achieved_tflops']:.3g} | {mfu} | "
-                 f"{100 * r['gemm_fraction']:.1f}% |")
+  for name, suite in SUITES.items():
+    if results.get(name):
+      out += suite.section(results[name], grid)
   return "\n".join(out) + "\n"
 
 
-def _plot_layer(ax, layer: dict) -> None:
-  import matplotlib.ticker  # pylint: disable=import-outside-toplevel
-  rows, cf_plot = layer["rows"], 1.25
-  for d, marker in (("einsum", "o"), ("indices", "s")):
-    for e in sorted({r["experts"] for r in rows}):
-      pts = [(r["group_size"], r["ratio"]) for r in rows
-             if r["dispatch"] == d and r["experts"] == e and r["capacity_factor"] == cf_plot]
-      if pts:
-        ax.plot(*zip(*sorted(pts)), marker=marker, label=f"{d} E={e}")
-  sizes = sorted({r["group_size"] for r in rows})
-  for r in rows:
-    if strategy(r["dispatch"])[0] == "dropless":
-      ax.axhline(r["ratio"], ls=":", color="gray")
-      ax.text(sizes[0], r["ratio"] * 1.02, f"{r['dispatch']} E={r['experts']}", fontsize=7)
-  ax.axhline(1.0, color="k", lw=0.8)
-  ax.axhline(cf_plot, color="k", lw=0.8, ls="--")
-  ax.set(xscale="log", xlabel="group size S", ylabel="MoE / dense (2-D) fwd+bwd time",
-         title=f"MoE layer vs dense FFN (top-1, cf {cf_plot}; dashed: cf x dense)")
-  ax.set_xticks(sizes, [str(v) for v in sizes], minor=False)
-  ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-  ax.legend(fontsize=7)
-
-
-def _plot_ops(ax, ops: list[dict]) -> None:
-  """Stacked fwd+bwd ms per (E, strategy): router, expert matmuls, dispatch + combine; the 2-D
-  dense FFN and 1.25 x it over each bar."""
-  x = np.arange(len(ops))
-  bottom = np.zeros(len(ops))
-  for key, label in (("router_ms", "router"), ("experts_ms", "expert matmuls"),
-                     ("dispatch_combine_ms", "dispatch + combine")):
-    v = np.array([max(r[key], 0.0) for r in ops])
-    ax.bar(x, v, bottom=bottom, label=label)
-    bottom += v
-  for i, r in enumerate(ops):
-    ax.hlines(r["dense_ms"], i - 0.4, i + 0.4, color="k",
-              label="dense FFN (2-D)" if i == 0 else None)
-    ax.hlines(1.25 * r["dense_ms"], i - 0.4, i + 0.4, color="k", ls="--",
-              label="1.25 x dense" if i == 0 else None)
-    ax.text(i, bottom[i], f"{r['layer_over_dense']:.2f}x", ha="center", va="bottom", fontsize=8)
-  ax.set_xticks(x, [f"E={r['experts']}\n{r['dispatch']}" for r in ops], fontsize=8)
-  ax.set(ylabel="fwd+bwd ms", title="Where the layer's time goes (cf 1.25; label: / dense)")
-  ax.legend(fontsize=7)
-
-
-def _plot_memory(ax, memory: list[dict]) -> None:
-  for d in ("einsum", "dropless"):
-    for sweep in ("tokens", "group_size"):
-      pts = [(r[sweep], r["temp_bytes"] / 2**20) for r in memory
-             if r["sweep"] == sweep and r["dispatch"] == d]
-      if pts:
-        ax.plot(*zip(*pts), marker="o", label=f"{d} vs {sweep}")
-  ax.set(xscale="log", yscale="log", xlabel="tokens or group size",
-         ylabel="temp memory (MiB)", title="Peak memory: linear in tokens at fixed S")
-  ax.legend()
-
-
 def plots(results: dict, out: pathlib.Path) -> bool:
-  """benchmark.png: one panel per suite run of layer, ops, memory; False when none ran."""
+  """benchmark.png: one panel per suite run that has one; False when none ran."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  panels = [(k, f) for k, f in (("layer", _plot_layer), ("ops", _plot_ops),
-                                ("memory", _plot_memory)) if results.get(k)]
+  panels = [(k, s.panel) for k, s in SUITES.items() if s.panel and results.get(k)]
   if not panels:
     return False
   fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
@@ -612,12 +661,9 @@ def plots(results: dict, out: pathlib.Path) -> bool:
   return True
 
 
-SUITES = {"layer": layer_suite, "ops": ops_suite, "memory": memory_suite, "hf": hf_suite,
-          "train": train_suite, "mfu": mfu_suite}
-
-
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--grid", choices=sorted(GRIDS), default="full")
   parser.add_argument("--quick", action="store_true", help="--grid quick: a few minutes on CPU")
   parser.add_argument("--suites", default=None, help="comma-separated (default: the grid's)")
@@ -633,14 +679,15 @@ def main(argv=None) -> None:
     parser.error(f"--suites has unknown {sorted(unknown)}")
   dev = jax.devices()[0]
   results = {"grid_name": grid_name, "grid": grid,
-             "command": "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+             "command": "python scripts/benchmark.py "
+                        + " ".join(argv if argv is not None else sys.argv[1:]),
              "environment": {"backend": jax.default_backend(), "device": dev.device_kind,
                              "cpus": os.cpu_count(), "jax": jax.__version__,
                              "machine": platform.machine(),
                              "load_average": " ".join(f"{v:.2f}" for v in os.getloadavg())}}
   out = pathlib.Path(args.out) if args.out else None
   for suite in suites:
-    results[suite] = SUITES[suite](grid)
+    results[suite] = SUITES[suite].run(grid)
     if out:  # after every suite, so a long run that fails late keeps what it measured
       out.mkdir(parents=True, exist_ok=True)
       (out / "results.json").write_text(json.dumps(results, indent=1))

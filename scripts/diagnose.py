@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from moe_jax import config, partitioning, trainer
+from moe_jax import config, optimizers, partitioning, run_config, trainer
 
 
 def group_of(path: str, ndim: int) -> str:
@@ -88,14 +88,14 @@ def diagnose(model_name: str, bindings: Sequence[str], *, task: str, steps: int,
              batch_size: int, lengths: dict[str, int], seed: int) -> list[dict[str, Any]]:
   """Trains one model; returns one record per --every steps."""
   model = config.build_model([f"models/{model_name}.gin", "runs/pretrain.gin"], bindings)
-  schedule = trainer.rsqrt_schedule(**{k: config.gin.query_parameter(f"%{m}") for k, m in
+  schedule = optimizers.rsqrt_schedule(**{k: config.gin.query_parameter(f"%{m}") for k, m in
                                        (("base_learning_rate", "LEARNING_RATE"),
                                         ("warmup_steps", "WARMUP_STEPS"))})
   part = partitioning.Partitioner()
   tr = trainer.Trainer(model, part, trainer.batch_shapes(lengths, batch_size, True),
-                       trainer.adafactor)
+                       optimizers.adafactor)
   state = tr.init_state(seed)
-  it = trainer.data_module().get_dataset(task, lengths, "train", batch_size, seed=seed)
+  it = run_config.data_module().get_dataset(task, lengths, "train", batch_size, seed=seed)
   grad_fn = jax.jit(jax.grad(lambda p, b, r: model.loss_fn(p, b, r)[0]))
   records: list[dict[str, Any]] = []
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel

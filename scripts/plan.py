@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moe_jax import config, partitioning, trainer
+from moe_jax import config, optimizers, partitioning, trainer
 from moe_jax.checkpoints import orbax_utils
 
 START_STEPS = ("fresh", "upcycle")
-OPTIMIZERS = {"adafactor": trainer.adafactor, "adamw": trainer.adamw}
+OPTIMIZERS = {"adafactor": optimizers.adafactor, "adamw": optimizers.adamw}
 
 
 def optimizer_for(name: str, boxed_params: Any) -> optax.GradientTransformation:

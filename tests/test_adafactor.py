@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from moe_jax import adafactor, partitioning, trainer
+from moe_jax import adafactor, optimizers, partitioning
 
 
 class NumpyAdafactor:
@@ -59,7 +59,7 @@ def test_each_param_kind_matches_the_per_matrix_reference():
   }
   refs = {k: [NumpyAdafactor(mat.shape, to_matrix[k][2]) for mat in to_matrix[k][0](params[k])]
           for k in params}
-  tx = trainer.adafactor(axes)
+  tx = optimizers.adafactor(axes)
   state = tx.init(jax.tree.map(jnp.asarray, params))
   update = jax.jit(tx.update)
   for _ in range(4):
@@ -88,7 +88,7 @@ def test_state_shardings_follow_the_kept_dimensions():
               "query": jax.ShapeDtypeStruct((16, 4, 8), jnp.float32)}
   shardings = {"wi": jax.sharding.NamedSharding(part.mesh, P("expert", None, "model")),
                "query": jax.sharding.NamedSharding(part.mesh, P(None, "model", None))}
-  tx = trainer.adafactor(axes)
+  tx = optimizers.adafactor(axes)
   specs = jax.tree.map(lambda s: s.spec, part.opt_state_shardings(tx, abstract, shardings))
   v_row, v_col = specs[0].v_row, specs[0].v_col
   assert v_row["wi"] == P("expert", None) and v_col["wi"] == P("expert", "model")

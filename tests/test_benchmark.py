@@ -87,3 +87,8 @@ def test_accelerator_grid_models_build_with_their_strategies():
       assert getattr(moe, field) == value.strip("'"), binding
     assert model.module.config.dtype == "bfloat16"
     gin.clear_config()
+
+
+def test_every_grid_runs_known_suites():
+  for name, grid in benchmark.GRIDS.items():
+    assert set(grid["suites"]) <= set(benchmark.SUITES), name

@@ -15,8 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from moe_jax import loop
 from moe_jax import train
-from moe_jax import trainer
 from moe_jax.checkpoints import orbax_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +75,7 @@ def _error_lines(stderr, prog="moe_jax.train"):
 def two_checkpoints(tmp_path_factory):
   """A run of 4 steps with checkpoints at 2 and 4."""
   model_dir = tmp_path_factory.mktemp("base")
-  train.run(trainer.train, _flags(model_dir, "--gin.TRAIN_STEPS=4", "--gin.CHECKPOINT_PERIOD=2"),
+  train.run(loop.train, _flags(model_dir, "--gin.TRAIN_STEPS=4", "--gin.CHECKPOINT_PERIOD=2"),
             "moe_jax.train")
   return model_dir
 
@@ -99,7 +99,7 @@ def test_restart_falls_back_to_the_newest_readable_checkpoint(corruption, two_ch
   model_dir = tmp_path / "run"
   shutil.copytree(two_checkpoints, model_dir)
   CORRUPTIONS[corruption](f"{model_dir}/checkpoint_4")
-  summary = train.run(trainer.train, _flags(model_dir, "--gin.TRAIN_STEPS=5"), "moe_jax.train")
+  summary = train.run(loop.train, _flags(model_dir, "--gin.TRAIN_STEPS=5"), "moe_jax.train")
   assert summary.restored_from == f"{model_dir}/checkpoint_2" and summary.step == 5
   assert f"Resumed from {model_dir}/checkpoint_2 (step 2)" in capsys.readouterr().out
   warnings = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
@@ -263,14 +263,14 @@ def _main_exit(argv, capsys):
   return exit_info.value.code, capsys.readouterr().err
 
 
-DIVERGE = ["--gin.LEARNING_RATE=1e30", "--gin.OPTIMIZER=@trainer.adamw"]
+DIVERGE = ["--gin.LEARNING_RATE=1e30", "--gin.OPTIMIZER=@optimizers.adamw"]
 
 
 def _diverge(model_dir, capsys, *flags: str) -> tuple[str, str]:
   """Trains 2 finite steps, then resumes with a diverging learning rate and `flags`: (the one
   error line, all of stderr) of that run, which must exit 1 without a traceback."""
-  train.run(trainer.train, _flags(model_dir, "--gin.TRAIN_STEPS=2",
-                                  "--gin.OPTIMIZER=@trainer.adamw"), "moe_jax.train")
+  train.run(loop.train, _flags(model_dir, "--gin.TRAIN_STEPS=2",
+                                  "--gin.OPTIMIZER=@optimizers.adamw"), "moe_jax.train")
   code, err = _main_exit(_flags(model_dir, *flags, *DIVERGE), capsys)
   assert code == 1
   lines = _error_lines(err)

@@ -99,7 +99,7 @@ def test_unknown_macro_is_one_line(capsys):
 
 
 def test_bad_binding_is_one_line(capsys):
-  line = _error_line(capsys, train.main, [MODEL, PRETRAIN, "--gin.trainer.train.nonsense=1"])
+  line = _error_line(capsys, train.main, [MODEL, PRETRAIN, "--gin.loop.train.nonsense=1"])
   assert "nonsense" in line and line.startswith("moe_jax.train: error:")
 
 
@@ -110,7 +110,8 @@ def test_syntax_error_is_one_line(capsys):
 
 def test_undefined_macro_reference_is_one_line(capsys):
   line = _error_line(capsys, train.main,
-                     [MODEL, PRETRAIN, "--gin_bindings=trainer.train.batch_size = %NOPE"])
+                     [MODEL, PRETRAIN,
+                      "--gin_bindings=run_config.DatasetConfig.batch_size = %NOPE"])
   assert "NOPE" in line
 
 

@@ -15,6 +15,7 @@ import pytest
 from moe_jax import config
 from moe_jax import data
 from moe_jax import distill
+from moe_jax import loop
 from moe_jax import partitioning
 from moe_jax import train
 from moe_jax import trainer
@@ -32,7 +33,7 @@ def _repo_cwd(monkeypatch):
 
 
 def _run(argv):
-  return train.run(trainer.train, argv, "moe_jax.train", default_model_dir=True)
+  return train.run(loop.train, argv, "moe_jax.train", default_model_dir=True)
 
 
 def _params(step_dir):
@@ -213,8 +214,8 @@ def test_reproduce_distillation_quick(tmp_path):
   the JSON report and the plot."""
   sys.path.insert(0, os.path.join(ROOT, "scripts"))
   import reproduce  # pylint: disable=import-outside-toplevel
-  report = reproduce.reproduce_distillation(quick=True, runs_dir=str(tmp_path / "runs"),
-                                            out=str(tmp_path / "out"), log=lambda _: None)
+  report = reproduce.reproduce("distillation", quick=True, runs_dir=str(tmp_path / "runs"),
+                                out=str(tmp_path / "out"), log=lambda _: None)
   with open(tmp_path / "out" / "distillation.json") as f:
     saved = json.load(f)
   assert saved["figures"] == json.loads(json.dumps(report["figures"]))

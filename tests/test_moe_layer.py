@@ -27,7 +27,7 @@ def run(layer, x, padding_mask=None, *, deterministic=True, seed=0):
 
 
 def reference(layer, params, x, padding_mask, route_fn, k):
-  """Group as the README states (G = ceil(T / group_size) groups of S = ceil(T / G) tokens,
+  """Group as docs/semantics.md states (G = ceil(T / group_size) groups of S = ceil(T / G) tokens,
   padding at the end; no mesh), capacity C = max(ceil(k · cf · S / E), min capacity), route
   with the NumPy router, run token loops."""
   b, l, m = x.shape

@@ -93,10 +93,11 @@ def test_a_save_failing_on_process_0_stops_both_processes_in_one_line(tmp_path):
   """Process 0 may write no file over 1 MiB once the first checkpoint is there (its params file
   is ~5 MiB): its next save fails in the background. Both processes stop with the one-line
   error (process 1 cannot see the failure by itself), the last good checkpoint stays.
-  Process 1's own background save waits checkpoint_save_timeout_s for process 0's write."""
+  Process 1's own background save waits SaveCheckpointConfig.save_timeout_s for process 0's
+  write."""
   two = multihost_worker.start(
       _command(tmp_path, 100000) + ["--gin.CHECKPOINT_PERIOD=3", "--gin.KEEP_CHECKPOINTS=1",
-                                    "--gin.trainer.train.checkpoint_save_timeout_s=60"],
+                                    "--gin.run_config.SaveCheckpointConfig.save_timeout_s=60"],
       num_processes=2, devices_per_process=4, cwd=ROOT, preexec_fn=_ignore_sigxfsz)
   _wait_for(two, lambda: orbax_utils.latest_steps(str(tmp_path)), "the first checkpoint")
   resource.prlimit(two.procs[0].pid, resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))

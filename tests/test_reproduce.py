@@ -7,6 +7,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+import claims  # pylint: disable=wrong-import-position
 import reproduce  # pylint: disable=wrong-import-position
 
 
@@ -24,18 +25,18 @@ def test_run_summary_compares_cross_entropy_not_total_loss(tmp_path):
            "eval/t/accuracy": 0.3}]
   with open(tmp_path / "metrics.jsonl", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
-  summary = reproduce.run_summary(str(tmp_path), None)
+  summary = claims.run_summary(str(tmp_path), None)
   assert summary["final_eval_loss"] == 4.5 and summary["eval_loss"] == [4.5]
 
 
-def test_every_claim_names_existing_gins():
+def test_every_claim_names_existing_gins_and_analysis(tmp_path):
   root = os.path.dirname(os.path.dirname(__file__))
   for name, claim in reproduce.CLAIMS.items():
-    for variant in claim.variants:
-      for scale in reproduce.SCALES:
-        cmd = reproduce.train_command(claim, variant, 0, 10, scale, False)
-        gin_file = next(a for a in cmd if a.startswith("--gin_file=gin/models/"))
-        assert os.path.isfile(os.path.join(root, gin_file.split("=", 1)[1])), (name, gin_file)
+    assert claim.analysis in reproduce.ANALYSES, name
+    for scale in reproduce.SCALES:
+      for run in claims.plan(claim, claim.seeds, 10, scale, False, str(tmp_path)):
+        for gin_file in (a.split("=", 1)[1] for a in run.cmd if a.startswith("--gin_file=")):
+          assert os.path.isfile(os.path.join(root, gin_file)), (name, run.label, gin_file)
 
 
 def test_load_balance_quick_evens_the_expert_load(tmp_path):
@@ -60,8 +61,8 @@ def test_upcycling_quick_trains_on_from_the_stage_one_checkpoints(tmp_path):
   # Seven real 20-step runs through the CLI: dense and Switch, both trained on from their
   # checkpoints, the dense checkpoint upcycled with its optimizer state and with a fresh one,
   # and the dense model trained on from its params alone (a fresh optimizer state).
-  report = reproduce.reproduce_upcycling(steps=20, quick=True, runs_dir=str(tmp_path / "runs"),
-                                         out=str(tmp_path / "out"), log=lambda _: None)
+  report = reproduce.reproduce("upcycling", steps=20, quick=True, runs_dir=str(tmp_path / "runs"),
+                               out=str(tmp_path / "out"), log=lambda _: None)
   saved = json.load(open(tmp_path / "out" / "upcycling.json"))
   assert saved["figures"] == json.loads(json.dumps(report["figures"]))
   assert os.path.getsize(tmp_path / "out" / "upcycling.png") > 10_000
@@ -81,7 +82,7 @@ def test_upcycling_quick_trains_on_from_the_stage_one_checkpoints(tmp_path):
       model_dir(upcycled), model_dir(upcycled_fresh))
   assert "runs/continue_pretrain.gin" in dense_fresh and "t5_tiny.gin" in dense_fresh
   assert f"INITIAL_CHECKPOINT_PATH='{model_dir(dense)}/checkpoint_20'" in dense_fresh
-  assert "initial_checkpoint_mode='params'" in dense_fresh
+  assert "INITIAL_CHECKPOINT_MODE='params'" in dense_fresh
 
   def train_steps(cmd):
     with open(os.path.join(model_dir(cmd), "metrics.jsonl")) as f:

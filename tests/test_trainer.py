@@ -27,6 +27,8 @@ from moe_jax import config
 from moe_jax import data
 from moe_jax import eval as eval_lib
 from moe_jax import infer as infer_lib
+from moe_jax import loop
+from moe_jax import optimizers
 from moe_jax import partitioning
 from moe_jax import train
 from moe_jax import trainer
@@ -45,7 +47,7 @@ PRETRAIN_STEPS = 6
 
 def _run(argv):
   """`python -m moe_jax.train argv` in this process; returns the TrainSummary."""
-  return train.run(trainer.train, argv, "moe_jax.train", default_model_dir=True)
+  return train.run(loop.train, argv, "moe_jax.train", default_model_dir=True)
 
 
 def _jsonl(path):
@@ -166,7 +168,7 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_zero(tmp_path):
   # Restorable: the train state and data position load into a trainer's abstract state.
   model = config.build_model(["gin/models/switch_tiny.gin"])
   t = trainer.Trainer(model, partitioning.Partitioner(),
-                      trainer.batch_shapes(LENGTHS, 8, True), trainer.adafactor)
+                      trainer.batch_shapes(LENGTHS, 8, True), optimizers.adafactor)
   manager = orbax_utils.make_manager(str(tmp_path))
   params, train_state, data_state = orbax_utils.restore(
       manager, steps[0], abstract_params=t.abstract_params,
@@ -213,7 +215,8 @@ def test_sparse_upcycle_from_a_dense_checkpoint(shared_root, tmp_path, capsys):
              f'--gin.INITIAL_CHECKPOINT_PATH="{dense_dir}"', "--gin.TRAIN_STEPS=0"]
   # The dense run's optimizer state must fit this run's optimizer: one line, nothing saved.
   with pytest.raises(SystemExit) as exit_info:
-    train.main([*upcycle, f'--gin.MODEL_DIR="{tmp_path}/adamw"', "--gin.OPTIMIZER=@trainer.adamw"])
+    train.main([*upcycle, f'--gin.MODEL_DIR="{tmp_path}/adamw"',
+                "--gin.OPTIMIZER=@optimizers.adamw"])
   assert exit_info.value.code == 2
   assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
       "moe_jax.train: error: OPTIMIZER: the dense checkpoint's optimizer state has no 0/mu/")
@@ -333,7 +336,7 @@ def test_eval_and_infer_from_a_checkpoint(pretrained, tmp_path):
 def _tiny_trainer(bindings, num_microbatches=1, partitioner=None):
   model = config.build_model(["gin/models/switch_tiny.gin"], bindings)
   return trainer.Trainer(model, partitioner or partitioning.Partitioner(),
-                         trainer.batch_shapes(LENGTHS, 8, True), trainer.adafactor,
+                         trainer.batch_shapes(LENGTHS, 8, True), optimizers.adafactor,
                          num_microbatches=num_microbatches)
 
 
@@ -394,13 +397,13 @@ def test_router_jitter_gets_a_stream_folded_from_the_step(pretrained):
 
 
 def test_rsqrt_schedule_and_optimizers_match_references():
-  schedule = trainer.rsqrt_schedule(base_learning_rate=1.0, warmup_steps=100)
+  schedule = optimizers.rsqrt_schedule(base_learning_rate=1.0, warmup_steps=100)
   for step in (0, 1, 50, 100, 400, 10_000):
     assert float(schedule(step)) == pytest.approx(1.0 / np.sqrt(max(step, 100)), rel=1e-6)
-  assert float(trainer.rsqrt_schedule(linear_warmup=True, warmup_steps=10)(4)) == \
+  assert float(optimizers.rsqrt_schedule(linear_warmup=True, warmup_steps=10)(4)) == \
       pytest.approx(0.5 / np.sqrt(10), rel=1e-6)
   # start_step: a run restarted at step 0 (upcycled) goes on with its source's schedule.
-  continued = trainer.rsqrt_schedule(warmup_steps=100, start_step=1500)
+  continued = optimizers.rsqrt_schedule(warmup_steps=100, start_step=1500)
   for step in (0, 1, 500):
     assert float(continued(step)) == pytest.approx(1.0 / np.sqrt(1500 + step), rel=1e-6)
   rng = np.random.default_rng(0)
@@ -408,8 +411,8 @@ def test_rsqrt_schedule_and_optimizers_match_references():
             "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32)}
   # Rank <= 2 without an 'expert' axis: the classic rule, i.e. optax's Adafactor.
   axes = {"w": P("embed", "mlp"), "b": P("embed")}
-  for ours, reference in ((trainer.adafactor(axes), optax.adafactor(learning_rate=0.01)),
-                          (trainer.adamw(axes), optax.adamw(0.01, weight_decay=1e-4))):
+  for ours, reference in ((optimizers.adafactor(axes), optax.adafactor(learning_rate=0.01)),
+                          (optimizers.adamw(axes), optax.adamw(0.01, weight_decay=1e-4))):
     state, ref_state = ours.init(params), reference.init(params)
     for i in range(3):
       grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)

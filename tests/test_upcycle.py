@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
-from moe_jax import config, partitioning, trainer
+from moe_jax import config, optimizers, partitioning, restore, run_config, trainer
 from moe_jax.checkpoints import hf_switch, orbax_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +49,7 @@ def _moe_trainer(mesh_shape):
   model = _model("switch_tiny.gin", f"NUM_EXPERTS = {NUM_EXPERTS}",
                  f"NUM_EXPERT_PARTITIONS = {mesh_shape[1]}")
   return trainer.Trainer(model, partitioning.Partitioner(mesh_shape=mesh_shape), SHAPES,
-                         trainer.adafactor)
+                         optimizers.adafactor)
 
 
 def _flat(tree):
@@ -131,7 +131,7 @@ def dense_dir(tmp_path_factory):
   """A real orbax checkpoint of t5_tiny after 2 train steps, params stored in bfloat16."""
   path = str(tmp_path_factory.mktemp("dense"))
   tr = trainer.Trainer(_model("t5_tiny.gin"), partitioning.Partitioner(), SHAPES,
-                       trainer.adafactor)
+                       optimizers.adafactor)
   state = tr.init_state(seed=1)
   rng = np.random.default_rng(0)
   batch = {k: (np.ones(s, np.float32) if "weights" in k else rng.integers(1, 256, s))
@@ -149,9 +149,9 @@ def dense_dir(tmp_path_factory):
 
 def _upcycle(tr, dense_dir, model_dir):
   """The trainer's start with initial_checkpoint_mode='upcycle' and an empty MODEL_DIR."""
-  return trainer._restore_or_init(
-      tr, None, model_dir=model_dir, seed=3, initial_checkpoint_path=dense_dir,
-      initial_checkpoint_mode="upcycle", restore_dataset=False)
+  return restore.restore_or_init(
+      tr, None, model_dir=model_dir, seed=3,
+      restore_cfg=run_config.RestoreCheckpointConfig(path=dense_dir, mode="upcycle"))
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 4, 1)])
@@ -215,9 +215,9 @@ def test_restart_finetune_and_eval_restores_stay_sharded(dense_dir, tmp_path):
   opt_before = jax.device_get(state.opt_state)
   del state
   with _watch_arrays() as watched:
-    state, _, resumed = trainer._restore_or_init(
-        tr, None, model_dir=str(tmp_path / "moe"), seed=0, initial_checkpoint_path=None,
-        initial_checkpoint_mode="full", restore_dataset=False)
+    state, _, resumed = restore.restore_or_init(
+        tr, None, model_dir=str(tmp_path / "moe"), seed=0,
+        restore_cfg=run_config.RestoreCheckpointConfig())
   assert resumed
   _check_bound(tr, state, watched)
   for key, value in _flat(state.params).items():
@@ -234,10 +234,10 @@ def test_restart_finetune_and_eval_restores_stay_sharded(dense_dir, tmp_path):
   compiled = tr.compile_init(params=tr.abstract_params)
   for source, mode in (("moe", "params"), ("hf", "full")):
     with _watch_arrays() as watched:
-      state, _, resumed = trainer._restore_or_init(
+      state, _, resumed = restore.restore_or_init(
           tr, None, model_dir=str(tmp_path / f"ft_{source}"), seed=0,
-          initial_checkpoint_path=str(tmp_path / source), initial_checkpoint_mode=mode,
-          restore_dataset=False)
+          restore_cfg=run_config.RestoreCheckpointConfig(path=str(tmp_path / source),
+                                                         mode=mode))
     assert not resumed and int(state.step) == 0
     _check_bound(tr, state, watched, compiled)
     for key, value in _flat(state.params).items():
@@ -289,7 +289,7 @@ def test_upcycled_optimizer_state_is_the_moe_optimizers_after_the_dense_gradient
   as_moe = lambda d: {"mlp": {"wi": tile(d["mlp"]["wi"]), "wo": tile(d["mlp"]["wo"]),  # noqa: E731
                               "router": {"w": jnp.zeros((m, e))}}, "norm": d["norm"]}
   grads = [jax.tree.map(lambda x: normal(*x.shape), dense) for _ in range(steps + 1)]
-  dense_tx, moe_tx = trainer.adafactor(dense_axes), trainer.adafactor(moe_axes)
+  dense_tx, moe_tx = optimizers.adafactor(dense_axes), optimizers.adafactor(moe_axes)
   dense_state, moe_state = dense_tx.init(dense), moe_tx.init(as_moe(dense))
   for g in grads[:steps]:
     _, dense_state = dense_tx.update(g, dense_state, dense)
@@ -318,7 +318,7 @@ def test_upcycled_optimizer_state_is_the_moe_optimizers_after_the_dense_gradient
         np.testing.assert_allclose(_flat(next_got)[f"mlp/{name}"][j], dense_next["mlp"][name],
                                    rtol=1e-5, atol=1e-7)
 
-  adamw = trainer.adamw(dense_axes).init(dense)
+  adamw = optimizers.adamw(dense_axes).init(dense)
   with pytest.raises(ValueError, match="trained with another optimizer"):
     orbax_utils.upcycle_opt_state(adamw, moe_tx.init(moe), moe, moe_axes, sources)
 

@@ -1,6 +1,6 @@
 """Bad settings through the command line: one line `<prog>: error: <setting>: ...`, exit status
-2, no traceback, nothing compiled. The cases and their messages are the README's table
-(section "Reliability"), so the table and the real messages cannot drift apart."""
+2, no traceback, nothing compiled. The cases and their messages are the table of
+docs/reliability.md, so the table and the real messages cannot drift apart."""
 import os
 import re
 import shlex
@@ -12,8 +12,9 @@ import pytest
 
 from moe_jax import eval as eval_lib
 from moe_jax import infer as infer_lib
+from moe_jax import loop
+from moe_jax import run_config
 from moe_jax import train
-from moe_jax import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"
@@ -29,9 +30,9 @@ BASE = {
 MAINS = {"train": train.main, "eval": eval_lib.main, "infer": infer_lib.main}
 
 
-def readme_cases():
-  """(cmd, flags, message) of each row of the README's validation table."""
-  with open(os.path.join(ROOT, "README.md")) as f:
+def documented_cases():
+  """(cmd, flags, message) of each row of docs/reliability.md's validation table."""
+  with open(os.path.join(ROOT, "docs", "reliability.md")) as f:
     rows = [line for line in f if re.match(r"\| (train|eval|infer) \|", line)]
   cases = []
   for row in rows:
@@ -40,7 +41,7 @@ def readme_cases():
   return cases
 
 
-CASES = readme_cases()
+CASES = documented_cases()
 
 
 def argv(cmd, flags, tmp, ckpt):
@@ -63,7 +64,7 @@ def _repo_cwd(monkeypatch):
 def ckpt(tmp_path_factory):
   """A switch_tiny checkpoint_0 (initialization only, nothing trained)."""
   model_dir = tmp_path_factory.mktemp("ckpt")
-  train.run(trainer.train, BASE["train"][:5] + [f'--gin.MODEL_DIR="{model_dir}"',
+  train.run(loop.train, BASE["train"][:5] + [f'--gin.MODEL_DIR="{model_dir}"',
                                                 "--gin.TRAIN_STEPS=0"], "moe_jax.train")
   return str(model_dir / "checkpoint_0")
 
@@ -78,7 +79,7 @@ def files(tmp_path):
   return tmp_path
 
 
-def test_the_readme_table_lists_the_cases():
+def test_the_documented_table_lists_the_cases():
   assert len(CASES) >= 60
   assert {c[0] for c in CASES} == {"train", "eval", "infer"}
 
@@ -125,10 +126,11 @@ def test_python_api_raises_the_same_text(monkeypatch):
   from moe_jax import config, validation  # pylint: disable=import-outside-toplevel
   model = config.build_model(["gin/models/switch_tiny.gin"])
   with pytest.raises(validation.SettingError) as error:
-    trainer.train(model=model, model_dir="/nonexistent", total_steps=1,
-                  mixture_or_task_name="pydocs_span_corruption",
-                  task_feature_lengths={"inputs": 32, "targets": 8}, batch_size=8,
-                  stats_period=0)
+    loop.train(model=model, model_dir="/nonexistent", total_steps=1,
+               dataset_cfg=run_config.DatasetConfig(
+                   mixture_or_task_name="pydocs_span_corruption",
+                   task_feature_lengths={"inputs": 32, "targets": 8}, batch_size=8),
+               stats_period=0)
   # gin appends "In call to configurable 'train'" on a line of its own.
   assert str(error.value).splitlines()[0] == "STATS_PERIOD: must be an integer >= 1, got 0"
 

@@ -2,7 +2,8 @@
 
 - Restore takes the newest checkpoint of MODEL_DIR that is complete and readable; each newer
   one that is not is renamed `checkpoint_<step>.corrupt` (kept for inspection, never read
-  again) with a one-line warning.
+  again) with a one-line warning. If none is readable the run stops in one line and changes
+  nothing: it never starts again from step 0 on its own.
 - Saves are asynchronous (orbax); `poll()` after every step notices a finished save at once:
   a failure (disk full, permissions) stops the run with one line naming the directory and the
   cause, and its temporary directory is removed. Several processes stop together, at the next
@@ -78,6 +79,23 @@ def _ignore_closed_loop_callbacks() -> None:
   sys.unraisablehook = hook
 
 
+class _UnretrievedOrbaxErrors(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for orbax's tasks: after a failed
+  read, its other reads' tasks report the same error whenever they are garbage-collected, which
+  may be long after the error was reported (or the run stopped) in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.getMessage().startswith("Task exception was never retrieved")
+                and record.exc_info and _through_orbax(record.exc_info[2]))
+
+
+def _drop_unretrieved_orbax_errors() -> None:
+  """Installs _UnretrievedOrbaxErrors on asyncio's logger, once per process."""
+  log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _UnretrievedOrbaxErrors) for f in log.filters):
+    log.addFilter(_UnretrievedOrbaxErrors())
+
+
 def _join_orbax_threads(timeout: float = 60.0) -> None:
   """Waits (up to `timeout` seconds in all) for orbax's background threads, e.g. a failed
   save's other writers, to end."""
@@ -102,6 +120,7 @@ def _orbax_quiet() -> Iterator[_OrbaxErrors]:
   errors = _OrbaxErrors(quiet=True)
   errors.install()
   _ignore_closed_loop_callbacks()
+  _drop_unretrieved_orbax_errors()
   try:
     yield errors
   finally:
@@ -131,13 +150,16 @@ def remove_temporaries(model_dir: str) -> None:
 
 
 def restore_newest(model_dir: str, restore_step: Any) -> tuple[Any, int] | None:
-  """(restore_step(reader, step), step) for the newest step that restores, or None.
+  """(restore_step(reader, step), step) for the newest step that restores; None when MODEL_DIR
+  has no checkpoint.
 
-  Steps that are incomplete or fail to restore are renamed `checkpoint_<step>.corrupt` by
-  process 0 with a one-line warning each. A SettingError of restore_step (the checkpoint is
-  readable but belongs to another model) is raised as it is: nothing is renamed.
+  Newer steps that are incomplete or fail to restore are then renamed
+  `checkpoint_<step>.corrupt` by process 0 with a one-line warning each. When none of the
+  checkpoints restores, RunError naming them and nothing is renamed: starting again from step 0
+  would lose the run (and rewrite its metrics.jsonl). A SettingError of restore_step (the
+  checkpoint is readable but belongs to another model) is raised as it is: nothing is renamed.
   """
-  found = None
+  found, unreadable = None, []
   with _orbax_quiet():
     for step in reversed(orbax_utils.latest_steps(model_dir)):
       try:
@@ -152,14 +174,22 @@ def restore_newest(model_dir: str, restore_step: Any) -> tuple[Any, int] | None:
       except SettingError:
         raise
       except Exception as e:  # noqa: BLE001  any unreadable checkpoint is skipped
-        path = orbax_utils.step_dir(model_dir, step)
-        absl_logging.warning("skipping checkpoint %s: unreadable (%s); renamed to %s%s",
-                             path, _cause(e), path, CORRUPT_SUFFIX)
-        if jax.process_index() == 0:
-          epath.Path(path).rename(path + CORRUPT_SUFFIX)
+        unreadable.append((orbax_utils.step_dir(model_dir, step), _cause(e)))
+  if found is not None:
+    for path, cause in unreadable:
+      absl_logging.warning("skipping checkpoint %s: unreadable (%s); renamed to %s%s", path,
+                           cause, path, CORRUPT_SUFFIX)
+      if jax.process_index() == 0:
+        epath.Path(path).rename(path + CORRUPT_SUFFIX)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices("moe_jax restore_newest")
+  if found is None and unreadable:
+    names = ", ".join(epath.Path(path).name for path, _ in unreadable)
+    raise RunError(f"MODEL_DIR {model_dir}: none of its checkpoints can be read ({names}; "
+                   f"the newest: {unreadable[0][1]}); nothing was changed. To start again from "
+                   "step 0 on purpose, move them and metrics.jsonl out of MODEL_DIR, or use "
+                   "another MODEL_DIR")
   return found
 
 
