@@ -259,12 +259,13 @@ def losses(model, spec: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str
 
 
 def schedule(kind: str, learning_rate: float, warmup_steps: int):
-  """step (0-based, as the trainer) -> learning rate: 'constant', or T5's 'rsqrt' =
-  learning_rate / sqrt(max(step, warmup_steps))."""
+  """step (0-based, as the trainer) -> learning rate: moe_jax's own schedules, 'constant' or
+  T5's 'rsqrt' (learning_rate / sqrt(max(step, warmup_steps)))."""
+  from moe_jax import optimizers  # pylint: disable=import-outside-toplevel
   if kind == "constant":
-    return lambda step: learning_rate
+    return optimizers.constant_schedule(learning_rate)
   if kind == "rsqrt":
-    return lambda step: learning_rate / math.sqrt(max(step, warmup_steps))
+    return optimizers.rsqrt_schedule(learning_rate, warmup_steps)
   raise ValueError(f"--schedule must be 'constant' or 'rsqrt', got {kind!r}")
 
 
