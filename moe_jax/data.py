@@ -726,7 +726,9 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
   process_count that divides num_shards. Each process gets b = batch_size / process_count rows:
   encoder_input_tokens [b,le], decoder_input_tokens / decoder_target_tokens /
   decoder_loss_weights [b,ld], and with pack=True encoder/decoder_segment_ids and _positions.
-  num_epochs None repeats forever (training); remainders are dropped.
+  num_epochs None repeats forever (training: an incomplete last batch is dropped); a finite
+  pass (eval) pads its last batch with all-zero rows (loss weight 0), so a split smaller than
+  one batch is still read.
   """
   try:
     seqio.get_mixture_or_task(mixture_or_task_name)
@@ -760,7 +762,12 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
         # epoch's order for all epochs; the sources here are cheap to read again.
         try_in_mem_cache=False)
     ds = seqio.EncDecFeatureConverter(pack=pack)(ds, lengths)
-    return ds.batch(batch_size // num_shards, drop_remainder=True)
+    rows = batch_size // num_shards
+    if num_epochs is None:
+      return ds.batch(rows, drop_remainder=True)
+    return ds.batch(rows).map(lambda batch: {  # [<= rows, l] -> [rows, l]
+        k: tf.ensure_shape(tf.pad(v, [[0, rows - tf.shape(v)[0]], [0, 0]]), [rows, v.shape[1]])
+        for k, v in batch.items()})
 
   def build(skip_batches: int) -> tf.data.Dataset:
     if per_process == 1:

@@ -3,7 +3,8 @@ for `python -m moe_jax.eval` and during training (TrainingEval, every EVAL_PERIO
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable, Iterator, Mapping
+import os
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -21,6 +22,18 @@ def task_names(mixture_or_task_name: str) -> list[str]:
   provider = seqio.get_mixture_or_task(mixture_or_task_name)
   tasks = getattr(provider, "tasks", None)
   return [t.name for t in tasks] if tasks else [mixture_or_task_name]
+
+
+def short_task_names(names: Sequence[str]) -> tuple[str, ...]:
+  """The names without the '_'-separated words all of them start or end with
+  (manpages_de_prefix_lm, manpages_pt_BR_prefix_lm -> de, pt_BR); unchanged if that leaves
+  one empty."""
+  words = [name.split("_") for name in names]
+  start = len(os.path.commonprefix(words))  # lists of words: common leading words
+  end = min(len(os.path.commonprefix([w[::-1] for w in words])),
+            min(map(len, words)) - start)
+  short = tuple("_".join(w[start:len(w) - end]) for w in words)
+  return short if all(short) else tuple(names)
 
 
 def eval_batches(task: str, *, task_feature_lengths: Mapping[str, int], batch_size: int,
@@ -53,7 +66,7 @@ def evaluate_tasks(trainer: trainer_lib.Trainer, params: PyTree,
   """Token-weighted loss and accuracy of each task's batches ({task: batches}).
 
   Returns {'<task>/loss': ..., '<task>/cross_ent_loss': ..., '<task>/accuracy': ...,
-  '<task>/num_tokens': ...}.
+  '<task>/num_tokens': ...}; a task without a token (an empty split) has NaN figures, not 0.
   """
   out = {}
   for task, task_batches in batches.items():
@@ -68,7 +81,7 @@ def evaluate_tasks(trainer: trainer_lib.Trainer, params: PyTree,
         sums[key] += weight * float(metrics[key])
       total += weight
     for key, value in sums.items():
-      out[f"{task}/{key}"] = value / max(total, 1e-9)
+      out[f"{task}/{key}"] = value / total if total else float("nan")
     out[f"{task}/num_tokens"] = total
   return out
 

@@ -4,9 +4,9 @@
     --gin_file=gin/runs/inspect.gin --gin.CHECKPOINT_PATH=\\"runs/switch_tiny\\" \\
     --gin.MIXTURE_OR_TASK_NAME=\\"multidomain_span_corruption\\"
 
-Flags as in moe_jax.train. Routes EVAL_STEPS batches of a task's validation examples through
-the checkpoint (deterministic: eval capacity factor, no jitter) and writes to INSPECT_OUTPUT_DIR
-(default <model dir>/inspect):
+Flags as in moe_jax.train. Routes EVAL_STEPS batches of a task's validation examples (of each
+task, for a mixture) through the checkpoint (deterministic: eval capacity factor, no jitter) and
+writes to INSPECT_OUTPUT_DIR (default <model dir>/inspect):
 
   report.md / report.json  per MoE layer and expert: the tokens the router sends there (its
     first choice; the most frequent ones, as ST-MoE Table 9), load (share of the kept
@@ -18,7 +18,10 @@ Columns: for the synthetic multi-domain corpus (`multidomain_*` tasks) the domai
 read off the corpus' known chains: the domain whose Markov chain holds the bigram (previous
 token, token), when exactly one does (other tokens are left out and counted); with it the mutual
 information I(domain; expert) in nats and bits (0: the router ignores the domain; H(domain) if
-it sends each domain to its own experts). Other tasks: token classes (word start, word piece,
+it sends each domain to its own experts). For a seqio mixture its tasks, named without the words
+their names share (the manual-pages mixture's manpages_<lang>_<objective>: the languages): a
+token's column is the task its example came from, with I(task; expert) (I / H(task): how much
+the routing follows the task, the language). Other tasks: token classes (word start, word piece,
 number, punctuation, sentinel, EOS, ...), with I(class; expert).
 
 A layer's tokens are the ones it routes: encoder layers the encoder input tokens, decoder
@@ -148,16 +151,23 @@ def token_classes(pieces: Sequence[str]) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Columns:
-  """What the heatmap's columns are: kind ('domain' or 'token class'), their names, and
-  label(tokens [b,l]) -> [b,l] column index, -1 where unknown."""
+  """What the heatmap's columns are: kind ('task', 'domain' or 'token class'), their names,
+  and label(tokens [b,l], task) -> [b,l] column index, -1 where unknown; task: the index of the
+  batch's task (inspect's batches)."""
   kind: str
   names: tuple[str, ...]
-  label: Callable[[np.ndarray], np.ndarray]
+  label: Callable[[np.ndarray, int], np.ndarray]
 
 
 def class_columns(pieces: Sequence[str]) -> Columns:
   classes = token_classes(pieces)
-  return Columns("token class", TOKEN_CLASSES, lambda tokens: classes[tokens])
+  return Columns("token class", TOKEN_CLASSES, lambda tokens, _: classes[tokens])
+
+
+def mixture_columns(tasks: Sequence[str]) -> Columns:
+  """A mixture's tasks: a token's column is its batch's task."""
+  return Columns("task", evaluation.short_task_names(tasks),
+                 lambda tokens, task: np.full(tokens.shape, task))
 
 
 def domain_columns(spec: Any, vocabulary: Any, size: int) -> Columns:
@@ -173,7 +183,7 @@ def domain_columns(spec: Any, vocabulary: Any, size: int) -> Columns:
   for d in range(spec.num_domains):
     np.bitwise_or.at(chains, (np.arange(n)[:, None], tables.next[d]), 1 << d)
 
-  def label(tokens: np.ndarray) -> np.ndarray:
+  def label(tokens: np.ndarray, _: int) -> np.ndarray:
     words = word_of[tokens]
     prev = np.concatenate([np.full_like(words[:, :1], -1), words[:, :-1]], axis=1)
     known = (words >= 0) & (prev >= 0)
@@ -186,10 +196,13 @@ def domain_columns(spec: Any, vocabulary: Any, size: int) -> Columns:
 
 def task_columns(mixture_or_task_name: str, vocabulary: Any, size: int,
                  pieces: Sequence[str]) -> Columns:
-  """Domains for a multi-domain corpus task, token classes otherwise."""
+  """A mixture's tasks, domains for a multi-domain corpus task, token classes otherwise."""
   from moe_jax import corpora  # pylint: disable=import-outside-toplevel
   import seqio  # pylint: disable=import-outside-toplevel  (after data registered the tasks)
-  source = getattr(seqio.get_mixture_or_task(mixture_or_task_name), "source", None)
+  provider = seqio.get_mixture_or_task(mixture_or_task_name)
+  if isinstance(provider, seqio.Mixture):
+    return mixture_columns(evaluation.task_names(mixture_or_task_name))
+  source = getattr(provider, "source", None)
   if isinstance(source, corpora.MultiDomainSource):
     return domain_columns(source.spec, vocabulary, size)
   return class_columns(pieces)
@@ -265,23 +278,25 @@ class LayerStats:
     }
 
 
-def inspect(model: Any, params: PyTree, batches: Iterable[Mapping[str, np.ndarray]], *,
+def inspect(model: Any, params: PyTree,
+            batches: Mapping[str, Iterable[Mapping[str, np.ndarray]]], *,
             pieces: Sequence[str], columns: Columns, top_tokens: int = 10,
             jit: Callable[..., Any] = jax.jit) -> dict[str, Any]:
-  """Routes the batches through the model -> {'layers': {path: layer report}, 'tokens': n}.
+  """Routes each task's batches ({task: batches}) through the model -> {'layers': {path:
+  layer report}}.
 
   pieces: a readable string per id (the model's vocabulary size); jit: e.g. a Partitioner's
   jit for sharded params.
   """
   route = jit(routing_fn(model))
   stats: dict[str, LayerStats] = {}
-  for batch in batches:
+  for task, batch in ((t, b) for t, bs in enumerate(batches.values()) for b in bs):
     routed = jax.device_get(route(params, batch))
     for path, layer in routed.items():
       g, s = layer["first"].shape
       key = "encoder_input_tokens" if path.startswith("encoder") else "decoder_input_tokens"
       tokens = np.asarray(batch[key])
-      labels = columns.label(tokens).reshape(-1)
+      labels = columns.label(tokens, task).reshape(-1)
       pad = g * s - tokens.size
       tokens = np.pad(tokens.reshape(-1), (0, pad)).reshape(g, s)
       labels = np.pad(labels, (0, pad), constant_values=-1).reshape(g, s)
@@ -310,13 +325,14 @@ def markdown(report: Mapping[str, Any]) -> str:
               "kept assignments; drop rate the share of its tokens that found no slot; "
               "confidence their mean top-1 router probability.", ""]
   for path, layer in report["layers"].items():
-    kind = layer["column_kind"]
+    kind, h = layer["column_kind"], layer["column_entropy_nats"]
+    share = f" (I / H = {layer['mutual_information_nats'] / h:.1%})" if h > 0 else ""
     lines += [f"## {path}", "",
               f"{layer['tokens']} tokens, {layer['fraction_dropped']:.2%} dropped, mean router "
               f"confidence {layer['router_confidence']:.3f}. Mutual information between "
               f"{kind} and expert: **{layer['mutual_information_nats']:.4f} nats "
-              f"({layer['mutual_information_bits']:.4f} bits)** of H({kind}) = "
-              f"{layer['column_entropy_nats']:.4f} nats, over the "
+              f"({layer['mutual_information_bits']:.4f} bits)** of H({kind}) = {h:.4f} nats "
+              f"({h / np.log(2):.4f} bits){share}, over the "
               f"{layer['labelled_fraction']:.1%} of tokens with a known {kind}.", "",
               "| expert | tokens | load | drop rate | confidence | most frequent tokens |",
               "|---|---|---|---|---|---|"]
@@ -334,7 +350,8 @@ def heatmap(report: Mapping[str, Any]) -> Any:
   over the experts."""
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   layers = report["layers"]
-  fig = Figure(figsize=(5.5 * len(layers), 4.5), layout="constrained")
+  width = max(5.5, 1.5 + 0.3 * max(len(layer["columns"]) for layer in layers.values()))
+  fig = Figure(figsize=(width * len(layers), 4.5), layout="constrained")
   axes = fig.subplots(1, len(layers), squeeze=False)
   for ax, (name, layer) in zip(axes[0], layers.items()):
     counts = np.asarray(layer["column_counts"], np.float64)
@@ -397,21 +414,22 @@ def inspect_checkpoint(*, model: Any = gin.REQUIRED, checkpoint_path: str = gin.
       "targets"].vocabulary
   pieces = token_pieces(vocabulary, c.vocab_size)
   columns = task_columns(mixture_or_task_name, vocabulary, c.vocab_size, pieces)
-  batches = [b for task in evaluation.task_names(mixture_or_task_name)
-             for b in evaluation.eval_batches(
-                 task, task_feature_lengths=task_feature_lengths, batch_size=batch_size,
-                 split=split, eval_steps=eval_steps, pack=False)]
+  batches = {task: list(evaluation.eval_batches(
+      task, task_feature_lengths=task_feature_lengths, batch_size=batch_size, split=split,
+      eval_steps=eval_steps, pack=False)) for task in evaluation.task_names(mixture_or_task_name)}
+  example = next(b for bs in batches.values() for b in bs)
 
   def jit(fn):  # params in their shardings, the batch sharded like training's
     compiled = trainer.partitioner.jit(
-        fn, in_shardings=(trainer.params_shardings, trainer.batch_shardings(batches[0])),
+        fn, in_shardings=(trainer.params_shardings, trainer.batch_shardings(example)),
         out_shardings=trainer.replicated)
     return lambda p, batch: compiled(p, trainer.partitioner.shard_batch(batch))
 
   report = inspect(model, params, batches, pieces=pieces, columns=columns,
                    top_tokens=top_tokens, jit=jit)
-  report = {"checkpoint": checkpoint_path, "step": step,
-            "task": mixture_or_task_name, "split": split, "batches": len(batches), **report}
+  report = {"checkpoint": checkpoint_path, "step": step, "task": mixture_or_task_name,
+            "tasks": {task: len(bs) for task, bs in batches.items()}, "split": split,
+            "batches": sum(map(len, batches.values())), **report}
   output_dir = orbax_utils.absolute(output_dir or os.path.join(model_dir, "inspect"))
   if jax.process_index() == 0:
     report["paths"] = write_report(report, output_dir)
@@ -425,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for path, layer in report["layers"].items():
       print(f"  {path}: {layer['tokens']} tokens, {layer['fraction_dropped']:.2%} dropped, "
             f"I({layer['column_kind']}; expert) = {layer['mutual_information_nats']:.4f} nats "
-            f"({layer['mutual_information_bits']:.4f} bits)")
+            f"({layer['mutual_information_bits']:.4f} bits) of H = "
+            f"{layer['column_entropy_nats']:.4f} nats")
     for kind, path in report["paths"].items():
       print(f"{kind}: {path}")
 

@@ -8,6 +8,7 @@ not trained again.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
@@ -75,6 +76,9 @@ class Claim:
   seeds: tuple[int, ...] = (0,)
   bindings: tuple[str, ...] = ("TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}",)
   analysis: str = "curves"
+  # A gin/runs file after the run gin that registers and names the claim's data (e.g.
+  # manpages.gin): MIXTURE_OR_TASK_NAME is then its, not bound to `task`.
+  data_gin: str | None = None
   listing: str = ""  # what `reproduce.py --list` says of a staged claim's runs
 
   @property
@@ -105,6 +109,7 @@ class Trained:
   # label -> one run_summary per seed; in a staged claim, label -> its eval_curve.
   runs: dict[str, Any]
   commands: list[str]  # as typed; a figure that runs an evaluation adds its own
+  claim: Claim | None = None
 
   def run(self, label: str) -> Planned:
     return next(p for p in self.planned if p.label == label)
@@ -120,16 +125,18 @@ def train_command(claim: Claim, variant: Variant, seed: int, steps: int, scale: 
   `extra` bindings last, so they win."""
   scale = "tiny" if quick else scale
   bindings = [*COMMON_BINDINGS, f"TRAIN_STEPS={steps}", f"RANDOM_SEED={seed}",
-              f"MIXTURE_OR_TASK_NAME='{claim.task}'", f"EVAL_PERIOD={max(steps // 10, 1)}",
-              "EVAL_STEPS=20", f"CHECKPOINT_PERIOD={steps}", "KEEP_CHECKPOINTS=1",
+              *(() if claim.data_gin else (f"MIXTURE_OR_TASK_NAME='{claim.task}'",)),
+              f"EVAL_PERIOD={max(steps // 10, 1)}", "EVAL_STEPS=20",
+              f"CHECKPOINT_PERIOD={steps}", "KEEP_CHECKPOINTS=1",
               f"STATS_PERIOD={max(steps // 100, 1)}"]
   bindings += [*claim.bindings, *variant.bindings, *dict(variant.scale_bindings).get(scale, ())]
   if quick:  # last but for `extra`: gin takes the last binding of a name
     bindings += ["BATCH_SIZE=16", "EVAL_STEPS=4",
                  "TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"]
+  data_gin = (f"--gin_file=gin/runs/{claim.data_gin}",) if claim.data_gin else ()
   return [sys.executable, "-m", "moe_jax.train",
           f"--gin_file=gin/models/{variant.stem}_{scale}.gin", f"--gin_file=gin/runs/{run_gin}",
-          *[f"--gin.{b}" for b in [*bindings, *extra]]]
+          *data_gin, *[f"--gin.{b}" for b in [*bindings, *extra]]]
 
 
 def _run_dir(runs_dir: str, cmd: Sequence[str], prefix: str = "") -> str:
@@ -198,6 +205,8 @@ def run_one(cmd: Sequence[str], model_dir: str, steps: int) -> float | None:
   seconds_file = os.path.join(model_dir, "wall_seconds")
   if not _finished(model_dir, steps):
     os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, "load_at_start"), "w") as f:
+      f.write(f"{os.getloadavg()[0]:.2f}\n")  # 1-minute load average: was the machine idle?
     start = time.time()
     with open(os.path.join(model_dir, "train.log"), "w") as log:
       result = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
@@ -227,7 +236,7 @@ def train(name: str, claim: Claim, planned: list[Planned], steps: int) -> Traine
       runs.setdefault(p.label, []).append(run_summary(p.model_dir, seconds))
   if claim.staged:
     runs = _on_claim_steps(planned, runs, steps)
-  return Trained(steps, planned, runs, commands)
+  return Trained(steps, planned, runs, commands, claim)
 
 
 def _on_claim_steps(planned: list[Planned], curves: dict[str, dict], steps: int
@@ -251,10 +260,24 @@ def _on_claim_steps(planned: list[Planned], curves: dict[str, dict], steps: int
 # ---- metrics -----------------------------------------------------------------------------
 
 
-def _eval_key(row: dict) -> str:
+def _eval_keys(row: dict) -> list[str]:
   # Cross-entropy, as the papers compare: an MoE model's total loss adds its load-balance and
   # router z-losses (~0.01 here), which would bias every comparison against it.
-  return next(k for k in row if k.startswith("eval/") and k.endswith("/cross_ent_loss"))
+  return [k for k in row if k.startswith("eval/") and k.endswith("/cross_ent_loss")]
+
+
+def _eval_xent(row: dict) -> float:
+  """An eval row's cross-entropy: its task's, or for a mixture the mean over its tasks (each
+  language counts once, as mT5 and Switch report multilingual results)."""
+  return float(np.mean([row[k] for k in _eval_keys(row)]))
+
+
+def _load_at_start(model_dir: str) -> float | None:
+  path = os.path.join(model_dir, "load_at_start")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return float(f.read())
 
 
 def run_summary(model_dir: str, seconds: float | None) -> dict[str, Any]:
@@ -264,14 +287,21 @@ def run_summary(model_dir: str, seconds: float | None) -> dict[str, Any]:
   loads = [np.array([r[f"{k}/expert_load"] for r in train_rows]) for k in moe_keys]
   summary = {
       "eval_steps": [r["step"] for r in evals],
-      "eval_loss": [r[_eval_key(r)] for r in evals],
+      "eval_loss": [_eval_xent(r) for r in evals],
       "train_steps": [r["step"] for r in train_rows],
       "train_xent": [r["cross_ent_loss"] for r in train_rows],
-      "final_eval_loss": evals[-1][_eval_key(evals[-1])],
+      "final_eval_loss": _eval_xent(evals[-1]),
       "tokens_per_second": float(np.median([r["tokens_per_second"] for r in train_rows
                                             if "tokens_per_second" in r])),
       "train_seconds": seconds,
+      "load_at_start": _load_at_start(model_dir),
   }
+  keys = _eval_keys(evals[-1])
+  if len(keys) > 1:  # a mixture: each task's curve and eval tokens
+    name = lambda k: k.split("/")[1]
+    summary["eval_tasks"] = {name(k): [r[k] for r in evals] for k in keys}
+    summary["eval_task_tokens"] = {
+        name(k): evals[-1][k.replace("/cross_ent_loss", "/num_tokens")] for k in keys}
   if moe_keys:
     drops = [np.mean([r[f"{k}/fraction_dropped"] for k in moe_keys]) for r in train_rows]
     # Coefficient of variation of the expert load, mean over MoE layers, per stats period.
@@ -287,7 +317,7 @@ def eval_curve(model_dir: str, seconds: float | None) -> dict[str, Any]:
   """Eval cross-entropy curve (the aux and z-losses left out: the models' quality alone) and
   the run's wall seconds."""
   _, evals = read_metrics(model_dir)
-  return {"eval_steps": [r["step"] for r in evals], "eval_xent": [r[_eval_key(r)] for r in evals],
+  return {"eval_steps": [r["step"] for r in evals], "eval_xent": [_eval_xent(r) for r in evals],
           "train_seconds": seconds}
 
 
@@ -324,3 +354,46 @@ def own_batches_xent(run: Planned, n: int) -> tuple[dict[str, float], list[str]]
       xent[label] = json.load(f)[f"{task}/cross_ent_loss"]
     commands.append(display_command(eval_cmd))
   return xent, commands
+
+
+def _setting(claim: Claim, name: str) -> str:
+  """The last binding of a macro among the claim's bindings (as gin takes the last)."""
+  return [b.split("=", 1)[1] for b in claim.bindings if b.startswith(f"{name}=")][-1]
+
+
+def _checked(cmd: Sequence[str], what: str) -> None:
+  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+  if done.returncode:
+    raise SystemExit(f"reproduce.py: error: {what} failed ({done.returncode}): "
+                     f"{shlex.join(cmd)}\n{done.stderr[-2000:]}")
+
+
+def hf_control(t: Trained, seed: int) -> tuple[dict[str, Any], list[str]]:
+  """scripts/torch_control.py on the batches of seed `seed`'s runs of claim t.claim: the export
+  (the claim's task, lengths, batch 32, EVAL_STEPS, data bindings), then HF's T5 and Switch at
+  the sizes of t5_tiny / switch_tiny, initialised with the seed, evaluated every tenth of the run.
+  Each step is skipped when its output exists. Returns torch_control's JSON (with train_tokens:
+  the predicted tokens of the batches) and the commands."""
+  claim = t.claim
+  lengths = ast.literal_eval(_setting(claim, "TASK_FEATURE_LENGTHS"))
+  out = os.path.join(os.path.dirname(t.planned[0].model_dir), f"hf_{claim.task}_seed{seed}")
+  script = os.path.join(ROOT, "scripts", "torch_control.py")
+  export = [sys.executable, script, "export", "--task", claim.task, "--out",
+            os.path.join(out, "batches"), "--steps", str(t.steps), "--batch_size", "32",
+            "--inputs_length", str(lengths["inputs"]), "--targets_length",
+            str(lengths["targets"]), "--eval_steps", _setting(claim, "EVAL_STEPS"),
+            "--seed", str(seed),
+            *[f"--gin_binding={b}" for b in claim.bindings if b.startswith("data.")]]
+  train_hf = [sys.executable, script, "train", "--data", os.path.join(out, "batches"), "--out",
+              os.path.join(out, "hf.json"), "--models", "t5_tiny,switch_tiny", "--seeds",
+              str(seed), "--eval_period", str(max(t.steps // 10, 1)),
+              "--threads", "1"]  # one core, as a run beside another on a 2-core machine
+  if not os.path.exists(os.path.join(out, "batches", "meta.json")):
+    _checked(export, "the export of the batches")
+  if not os.path.exists(os.path.join(out, "hf.json")):
+    _checked(train_hf, "HF training")
+  with open(os.path.join(out, "hf.json")) as f:
+    result = json.load(f)
+  weights = np.load(os.path.join(out, "batches", "train", "decoder_loss_weights.npy"))
+  result["train_tokens"] = float(weights.sum())  # the predicted tokens of its training batches
+  return result, [display_command(export), display_command(train_hf)]

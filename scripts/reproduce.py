@@ -29,7 +29,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from claims import ROOT, Claim, Stage, Trained, Variant, own_batches_xent, plan, train
+from claims import (ROOT, Claim, Stage, Trained, Variant, hf_control, own_batches_xent, plan,
+                    train)
 
 # Scales: 'tiny' (d_model 128, 2+2 layers, 8 experts: ~5 min per 1500 steps on 2 cores) and
 # 'mini' (d_model 256, 4+4 layers, 16 experts: ~8x the compute).
@@ -69,6 +70,56 @@ def _stdlib(claim: Claim, title: str, paper: str) -> Claim:
   return dataclasses.replace(claim, title=title, paper=paper, task="pystdlib_prefix_lm",
                              bindings=(*claim.bindings, "data.get_vocabulary.corpus='pystdlib'"),
                              seeds=(0,))
+
+
+# The multilingual manual-pages corpus (gin/runs/manpages.gin: one task per installed language,
+# their temperature-sampled mixture, the corpus' own vocabulary). Each language is its own eval
+# task; EVAL_STEPS=4 (~4k eval tokens per language) keeps ~27 evals from doubling a run.
+_MULTILINGUAL_PAPER = ("Switch Transformer Sec. 5.4 / Fig. 7: mSwitch-Base beats mT5-Base in all "
+                       "101 languages, reaching its quality >= 4x faster in most")
+
+
+def _multilingual(title: str, variants: tuple[Variant, ...], seeds: tuple[int, ...],
+                  objective: str = "prefix_lm") -> Claim:
+  """A claim on the manual-pages mixture: prefix LM at 64/64, or span corruption at
+  pretrain.gin's 64/16."""
+  bindings = ("TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}",) if objective == "prefix_lm" \
+      else (f"multilingual.register_manpages.objective='{objective}'",)
+  return Claim(title, _MULTILINGUAL_PAPER, variants, task=f"manpages_{objective}", seeds=seeds,
+               bindings=(*bindings, "EVAL_STEPS=4"), analysis="languages",
+               data_gin="manpages.gin")
+
+
+# Two of the levers the papers name for more MoE gain, together: a sparse FFN in every layer (2
+# per stack instead of 1) and more experts (32 instead of 8): 16x the expert parameters of
+# switch_tiny at the same FLOPs per token.
+_EVERY_LAYER_32 = Variant("Switch, every layer sparse, 32 experts", "switch",
+                          ("ENCODER_SPARSE_STEP=1", "DECODER_SPARSE_STEP=1", "NUM_EXPERTS=32"))
+
+
+# The independent training control: HF transformers' (PyTorch) T5 and Switch, trained by
+# scripts/torch_control.py on the batches each seed's moe_jax runs read, beside moe_jax's dense
+# and Switch runs with the settings HF's models have (AdamW at a constant 1e-3, as the script's
+# defaults; unpacked rows, as HF's attention has no segment ids; one routing group per sequence,
+# no router jitter, padding in the router losses). If HF's Switch gains where moe_jax's does
+# not, moe_jax has a training bug.
+_CONTROL_BINDINGS = ("OPTIMIZER=@optimizers.adamw",
+                     "loop.train.learning_rate_fn=@optimizers.constant_schedule()",
+                     "optimizers.constant_schedule.learning_rate=0.001",
+                     "run_config.DatasetConfig.pack=False")
+_HF_SEMANTICS = ("ROUTER_JITTER_NOISE=0.0", "moe_layer.MoeLayer.group_rule='sequence'",
+                 "routing.TokensChooseRouter.loss_tokens='all'")
+_CONTROL_PAPER = ("an independent implementation trained on the same batches: does HF's "
+                  "Switch gain over HF's T5 where moe_jax's does not?")
+
+
+def _control(title: str, task: str, data: tuple[str, ...], eval_steps: int,
+             data_gin: str | None = None) -> Claim:
+  """moe_jax's side of the PyTorch control on `task` (data: the bindings its data needs)."""
+  return Claim(title, _CONTROL_PAPER, (_DENSE, dataclasses.replace(_SWITCH, bindings=(
+      _HF_SEMANTICS))), task=task, seeds=(0, 1), analysis="torch_control", data_gin=data_gin,
+      bindings=("TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}", *data,
+                f"EVAL_STEPS={eval_steps}", *_CONTROL_BINDINGS))
 
 
 # Distillation (Switch Sec. 5): a dense student trained from the Switch teacher's run (the
@@ -178,6 +229,24 @@ CLAIMS: dict[str, Claim] = {
 CLAIMS.update({f"{name}_span": _span(CLAIMS[name])
                for name in ("sample_efficiency", "params_control", "num_experts", "load_balance")})
 CLAIMS.update({
+    "multilingual": _multilingual(
+        "Switch vs dense at equal FLOPs, per language (manual pages)",
+        (_DENSE, _SWITCH), (0, 1)),
+    "multilingual_span": _multilingual(
+        "Switch vs dense at equal FLOPs, per language (manual pages, span corruption)",
+        (_DENSE, _SWITCH), (0, 1), "span_corruption"),
+    "multilingual_params_control": _multilingual(
+        "Control: Switch vs a dense model with its parameters (manual pages)",
+        (_DENSE, _SWITCH, _WIDE), (0,)),
+    "multilingual_levers": _multilingual(
+        "More sparse layers and experts at equal FLOPs (manual pages)",
+        (_DENSE, _SWITCH, _EVERY_LAYER_32), (0,)),
+    "torch_control_stdlib": _control(
+        "PyTorch control on the Python stdlib: HF and moe_jax, same batches",
+        "pystdlib_prefix_lm", ("data.get_vocabulary.corpus='pystdlib'",), 20),
+    "torch_control_manpages": _control(
+        "PyTorch control on the manual pages: HF and moe_jax, same batches",
+        "manpages_prefix_lm", (), 4, "manpages.gin"),
     "distillation": _DISTILLATION,
     # On span corruption, where the teacher is no better than the dense model.
     "distillation_span": _span(_DISTILLATION),
@@ -286,6 +355,78 @@ def _upcycling(t: Trained) -> dict[str, Any]:
           scratch["eval_steps"], scratch["eval_xent"], final[_UPCYCLED.label])}
 
 
+def _languages(t: Trained) -> dict[str, Any]:
+  """Each variant against the first (dense) per task of the mixture (language), means over
+  seeds: the final eval cross-entropy gap (dense - variant: > 0 is ahead), per seed too (runs
+  of a seed share data and eval batches); in how many languages it is ahead; the step where its
+  curve reaches the dense model's final loss, per language and for the mean over languages;
+  the wall-clock ratio at that step (its seconds per step, measured over its run, against the
+  dense run's seconds; each run's load average at its start is kept beside it)."""
+  (dense_label, dense), *others = t.runs.items()
+  tasks = list(dense[0]["eval_tasks"])
+  steps = dense[0]["eval_steps"]
+  def curve(runs: list[dict], task: str) -> np.ndarray:
+    return np.mean([r["eval_tasks"][task] for r in runs], axis=0)
+  dense_final = {task: float(curve(dense, task)[-1]) for task in tasks}
+  dense_seconds = np.mean([r["train_seconds"] or np.nan for r in dense])
+  from moe_jax import evaluation  # pylint: disable=import-outside-toplevel  (jax: only here)
+  names = dict(zip(tasks, evaluation.short_task_names(tasks)))
+  variants = {}
+  for label, runs in others:
+    gap = {names[k]: dense_final[k] - float(curve(runs, k)[-1]) for k in tasks}
+    per_seed = {names[k]: [d["eval_tasks"][k][-1] - r["eval_tasks"][k][-1]
+                           for d, r in zip(dense, runs)] for k in tasks}
+    reach = {names[k]: steps_to_reach(steps, curve(runs, k), dense_final[k]) for k in tasks}
+    overall = steps_to_reach(steps, _mean_curve(runs)[1], _mean_curve(dense)[1][-1])
+    seconds = np.mean([r["train_seconds"] or np.nan for r in runs])
+    time_ratio = overall / steps[-1] * seconds / dense_seconds if overall else None
+    variants[label] = {
+        "languages_ahead": sum(g > 0 for g in gap.values()), "languages": len(gap),
+        "mean_gap": float(np.mean(list(gap.values()))), "gap": gap, "gap_per_seed": per_seed,
+        "steps_to_dense_final": overall,
+        "step_ratio": overall / steps[-1] if overall else None,
+        "time_ratio": None if time_ratio is None or np.isnan(time_ratio) else float(time_ratio),
+        "steps_to_dense_final_per_language": reach,
+        "load_at_start": [r.get("load_at_start") for r in runs]}
+  return {**_final_loss(t), "dense": dense_label,
+          "dense_final_per_language": {names[k]: v for k, v in dense_final.items()},
+          "eval_tokens": {names[k]: dense[0]["eval_task_tokens"][k] for k in tasks},
+          "dense_load_at_start": [r.get("load_at_start") for r in dense], "variants": variants}
+
+
+_HF_LABELS = {"t5_tiny": "HF T5 (PyTorch)", "switch_tiny": "HF Switch (PyTorch)"}
+
+
+def _torch_control(t: Trained) -> dict[str, Any]:
+  """HF's T5 and Switch trained on each seed's batches (claims.hf_control) join the runs;
+  Switch's gain over the dense model (dense - Switch final eval xent; > 0: Switch ahead) on each
+  side, per seed, and where each Switch reaches its dense model's final loss."""
+  hf_runs: dict[str, list[dict]] = {label: [] for label in _HF_LABELS.values()}
+  for seed in sorted({p.seed for p in t.planned}):
+    result, commands = hf_control(t, seed)
+    t.commands += commands
+    for run in result["runs"]:
+      curve = run["eval_curve"]
+      hf_runs[_HF_LABELS[run["model"]]].append({
+          "eval_steps": [c["step"] for c in curve], "eval_loss": [c["eval_loss"] for c in curve],
+          "final_eval_loss": run["eval_loss"], "train_seconds": run["train_seconds"],
+          "tokens_per_second": result["train_tokens"] / run["train_seconds"], "seed": seed})
+  moe_jax = {f"moe_jax {label}": runs for label, runs in t.runs.items()}
+  (dense, switch), hf = list(moe_jax), list(hf_runs)
+  t.runs.clear()
+  t.runs.update({**moe_jax, **hf_runs})
+  figures = _final_loss(t)
+  per_seed = figures["final_eval_loss_per_seed"]
+  gains, reach = {}, {}
+  for side, (d, s) in {"moe_jax": (dense, switch), "HF": tuple(hf)}.items():
+    gains[side] = [a - b for a, b in zip(per_seed[d], per_seed[s])]
+    steps, curve = _mean_curve(t.runs[s])
+    reach[side] = steps_to_reach(steps, curve, figures["final_eval_loss"][d])
+  return {**figures, "switch_gain_per_seed": gains,
+          "switch_gain": {side: float(np.mean(g)) for side, g in gains.items()},
+          "switch_steps_to_dense_final": reach}
+
+
 # ---- the Markdown each analysis prints -----------------------------------------------------
 
 
@@ -306,6 +447,51 @@ def table(report: dict[str, Any]) -> str:
     lines.append("")
     lines += [f"- {k}: {json.dumps(v)}" for k, v in extra.items()]
   return "\n".join(lines)
+
+
+def _languages_text(report: dict[str, Any]) -> str:
+  """The per-language table (gap = dense - variant, > 0: ahead) and each variant's summary."""
+  f, steps = report["figures"], report["steps"]
+  labels = list(f["variants"])
+  lines = ["| language | eval tokens | " + f["dense"] + " | "
+           + " | ".join(f"gap: {l}" for l in labels) + " |", "|---" * (3 + len(labels)) + "|"]
+  for lang, loss in f["dense_final_per_language"].items():
+    lines.append(f"| {lang} | {f['eval_tokens'][lang]:.0f} | {loss:.4f} | "
+                 + " | ".join(f"{f['variants'][l]['gap'][lang]:+.4f}" for l in labels) + " |")
+  lines.append("")
+  for label, v in f["variants"].items():
+    reach = v["steps_to_dense_final"]
+    lines.append(
+        f"- {label}: ahead in {v['languages_ahead']} of {v['languages']} languages, mean gap "
+        f"{v['mean_gap']:+.4f} nats; mean over languages {f['final_eval_loss'][label]:.4f} vs "
+        f"{f['final_eval_loss'][f['dense']]:.4f}; reaches the dense final loss "
+        + (f"at step {reach:.0f} ({v['step_ratio']:.2f} of the steps"
+           + (f", {v['time_ratio']:.2f} of the wall-clock)" if v["time_ratio"] else ")")
+           if reach else f"not within {steps} steps"))
+  return "\n".join(lines)
+
+
+def _language_bars(ax, runs: dict[str, list[dict]]) -> None:
+  """Per language: each variant's final eval gap to the first (dense) variant, one bar per
+  seed-mean with the seeds as dots."""
+  (_, dense), *others = runs.items()
+  tasks = list(dense[0]["eval_tasks"])
+  from moe_jax import evaluation  # pylint: disable=import-outside-toplevel  (jax: only here)
+  names = dict(zip(tasks, evaluation.short_task_names(tasks)))
+  x = np.arange(len(tasks))
+  width = 0.8 / max(len(others), 1)
+  for i, (label, seeds) in enumerate(others):
+    gaps = np.array([[d["eval_tasks"][k][-1] - r["eval_tasks"][k][-1] for k in tasks]
+                     for d, r in zip(dense, seeds)])
+    pos = x + (i - (len(others) - 1) / 2) * width
+    ax.bar(pos, gaps.mean(0), width, color=f"C{i + 1}", label=label)
+    for g in gaps:
+      ax.plot(pos, g, ".", color="k", ms=2)
+  ax.axhline(0, color="gray", lw=0.8)
+  ax.set_xticks(x, [names[k] for k in tasks], rotation=90)
+  ax.set(ylabel="dense - variant, final eval xent (> 0: ahead)",
+         title="Per language: gain over the dense model")
+  ax.legend(fontsize=7)
 
 
 def _final_table(final: dict[str, float], column: str) -> list[str]:
@@ -434,6 +620,8 @@ ANALYSES = {
                          panel=_during_training("fraction_dropped", "fraction of tokens dropped")),
     "balance": Analysis(_balance, panel=_during_training("load_cv", "expert-load CV")),
     "distillation": Analysis(_distillation, _distillation_text, title=_distillation_title),
+    "languages": Analysis(_languages, _languages_text, panel=_language_bars),
+    "torch_control": Analysis(_torch_control),
     "upcycling": Analysis(_upcycling, _upcycling_text, title=lambda *_: (
         "Sparse upcycling (dotted line: the dense checkpoint upcycled)")),
 }

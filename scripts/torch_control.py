@@ -11,7 +11,7 @@ on the same token batches as moe_jax, at the sizes of moe_jax's model gins.
 Export: rows of the global batches, unpacked (pack=False: HF's T5 attention has no segment ids),
 from data.get_dataset with the trainer's arguments for the train stream and the trainer's
 eval_batches for each task's validation split: DIR/train/<feature>.npy [steps, b, l] and
-DIR/validation/<task>/<feature>.npy [eval_steps, b, l] for encoder_input_tokens,
+DIR/validation/<task>/<feature>.npy [<= eval_steps, b, l] for encoder_input_tokens,
 decoder_input_tokens, decoder_target_tokens, decoder_loss_weights; DIR/meta.json. A
 manpages_* task (moe_jax/multilingual.py) is registered on the way when it is not yet.
 
@@ -33,6 +33,7 @@ the mean and spread over seeds.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -64,26 +65,31 @@ def _ensure_task(name: str) -> None:
     multilingual.register_manpages(match.group(2))
 
 
-def _stack(batches: Iterable[Mapping[str, np.ndarray]], n: int, what: str
+def _stack(batches: Iterable[Mapping[str, np.ndarray]], n: int, what: str, minimum: int
            ) -> dict[str, np.ndarray]:
-  rows = list(batches)
-  if len(rows) < n:
-    raise ValueError(f"{what}: the data gave {len(rows)} batches, fewer than {n}")
+  """The first n batches as [n', b, l] arrays, n' <= n; fewer than `minimum` is an error."""
+  rows = list(itertools.islice(batches, n))
+  if len(rows) < minimum:
+    raise ValueError(f"{what}: the data gave {len(rows)} batches, fewer than {minimum}")
   return {k: np.stack([np.asarray(b[k], np.int32) for b in rows[:n]]) for k in FEATURES}
 
 
 def export(task: str, out: str, steps: int, batch_size: int, lengths: Mapping[str, int],
-           eval_steps: int, seed: int = 0) -> dict[str, Any]:
-  """Writes the batches (see the module docstring); returns meta.json's content."""
+           eval_steps: int, seed: int = 0, gin_bindings: Sequence[str] = ()) -> dict[str, Any]:
+  """Writes the batches (see the module docstring); returns meta.json's content. gin_bindings:
+  what the task's data needs, as the training run binds it (e.g. its vocabulary)."""
+  if gin_bindings:
+    import gin  # pylint: disable=import-outside-toplevel
+    from moe_jax import data  # pylint: disable=import-outside-toplevel,unused-import
+    gin.parse_config(gin_bindings)
   _ensure_task(task)
-  import itertools  # pylint: disable=import-outside-toplevel
   import seqio  # pylint: disable=import-outside-toplevel
   from moe_jax import data  # pylint: disable=import-outside-toplevel
   lengths = {"inputs": int(lengths["inputs"]), "targets": int(lengths["targets"])}
   # loop.train's call for one process: the shuffled train stream of the run's seed.
   train = data.get_dataset(task, lengths, "train", batch_size, shuffle=True, seed=seed,
                            pack=False)
-  arrays = {"train": _stack(itertools.islice(train, steps), steps, "train")}
+  arrays = {"train": _stack(train, steps, "train", steps)}
   provider = seqio.get_mixture_or_task(task)
   tasks = [t.name for t in getattr(provider, "tasks", None) or [provider]]
   from moe_jax import evaluation  # pylint: disable=import-outside-toplevel
@@ -91,13 +97,16 @@ def export(task: str, out: str, steps: int, batch_size: int, lengths: Mapping[st
     batches = evaluation.eval_batches(name, task_feature_lengths=lengths,
                                       batch_size=batch_size, split="validation",
                                       eval_steps=eval_steps, pack=False, seed=seed)
-    arrays[f"validation/{name}"] = _stack(batches, eval_steps, f"validation of {name}")
+    # A small language's validation pages may give fewer batches: its eval reads them all, as
+    # moe_jax's does (the last one padded with empty rows).
+    arrays[f"validation/{name}"] = _stack(batches, eval_steps, f"validation of {name}", 1)
   for part, features in arrays.items():
     os.makedirs(os.path.join(out, part), exist_ok=True)
     for k, v in features.items():
       np.save(os.path.join(out, part, f"{k}.npy"), v)
   vocab = provider.output_features["targets"].vocabulary
-  meta = {"task": task, "eval_tasks": tasks, "task_feature_lengths": lengths,
+  meta = {"task": task, "gin_bindings": list(gin_bindings), "eval_tasks": tasks,
+          "task_feature_lengths": lengths,
           "batch_size": batch_size, "steps": steps, "eval_steps": eval_steps, "seed": seed,
           "pack": False, "vocab_size": int(vocab.vocab_size),
           "sentencepiece_model_file": getattr(vocab, "sentencepiece_model_file", None)}
@@ -324,10 +333,13 @@ def train_one(spec: Mapping[str, Any], seed: int, meta: Mapping[str, Any],
   lengths = meta["task_feature_lengths"]
   train = parts["train"]
   steps = min(args.steps or meta["steps"], len(train["encoder_input_tokens"]))
-  rows, start = [], time.perf_counter()
-  model.train()
-  set_capacity(model, spec, lengths, train=True)
-  for step in range(steps):
+  import tqdm  # pylint: disable=import-outside-toplevel
+  rows, curve, seconds = [], [], 0.0
+  for step in tqdm.trange(steps, desc=f"{spec['name']} seed {seed}", unit="step"):
+    if step == 0 or not model.training:
+      model.train()
+      set_capacity(model, spec, lengths, train=True)
+    start = time.perf_counter()
     for group in optimizer.param_groups:
       group["lr"] = lr(step)
     m = losses(model, spec, _torch_batch(train, step))
@@ -335,16 +347,26 @@ def train_one(spec: Mapping[str, Any], seed: int, meta: Mapping[str, Any],
     m["loss"].backward()
     optimizer.step()
     rows.append({k: float(v.detach()) for k, v in m.items() if k != "num_tokens"})
+    seconds += time.perf_counter() - start  # training time alone, evals left out
     if not math.isfinite(rows[-1]["loss"]):
       raise FloatingPointError(f"{spec['name']} seed {seed}: non-finite loss at step {step}")
-  seconds = time.perf_counter() - start
+    period = getattr(args, "eval_period", 0)
+    if period and (step + 1) % period == 0 and step + 1 < steps:
+      curve.append({"step": step + 1, "eval": evaluate(model, spec, parts, lengths)})
   evals = evaluate(model, spec, parts, lengths)
+  curve.append({"step": steps, "eval": evals})
   return {"model": spec["name"], "seed": seed, "steps": steps, "train_seconds": seconds,
+          "eval_curve": [{"step": c["step"], "eval_loss": _mean_loss(c["eval"])} for c in curve],
           "params": sum(p.numel() for p in params),
           "train_loss": [r["loss"] for r in rows],
           "train_cross_ent_loss": [r["cross_ent_loss"] for r in rows],
           "train_aux_loss": [r["aux_loss"] for r in rows],
-          "eval": evals, "eval_loss": float(np.mean([e["loss"] for e in evals.values()]))}
+          "eval": evals, "eval_loss": _mean_loss(evals)}
+
+
+def _mean_loss(evals: Mapping[str, Mapping[str, float]]) -> float:
+  """The eval loss of a run: the mean over tasks (languages) of each task's loss."""
+  return float(np.mean([e["loss"] for e in evals.values()]))
 
 
 def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -401,6 +423,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   ex.add_argument("--targets_length", type=int, default=16)
   ex.add_argument("--eval_steps", type=int, default=10)
   ex.add_argument("--seed", type=int, default=0)
+  ex.add_argument("--gin_binding", action="append", default=[], metavar="NAME=VALUE",
+                  help="a gin binding the task's data needs, e.g. "
+                  "\"get_vocabulary.corpus='pystdlib'\" (repeatable)")
   tr = sub.add_parser("train", help="train the HF models on an export")
   tr.add_argument("--data", required=True, help="an export's directory")
   tr.add_argument("--out", default=None, help="the JSON to write")
@@ -417,13 +442,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   tr.add_argument("--eps", type=float, default=1e-8)
   tr.add_argument("--weight_decay", type=float, default=1e-4)
   tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+  tr.add_argument("--eval_period", type=int, default=0,
+                  help="steps between evals during training (0: only at the end)")
   args = parser.parse_args(argv)
   if args.command == "export":
     if min(args.steps, args.batch_size, args.eval_steps) < 1:
       parser.error("--steps, --batch_size and --eval_steps must be >= 1")
     return export(args.task, args.out, args.steps, args.batch_size,
                   {"inputs": args.inputs_length, "targets": args.targets_length},
-                  args.eval_steps, args.seed)
+                  args.eval_steps, args.seed, args.gin_binding)
   if args.threads:
     import torch  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(args.threads)

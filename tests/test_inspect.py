@@ -1,5 +1,6 @@
 """The expert inspector on a hand-built switch_tiny checkpoint whose routing is known (token id
-parity -> expert 0 or 1), its domain labels and mutual information, and its one-line errors."""
+parity -> expert 0 or 1), on a task and on a mixture (columns: its tasks), its domain labels and
+mutual information, and its one-line errors."""
 import collections
 import itertools
 import json
@@ -12,10 +13,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import seqio
 
 from moe_jax import config
 from moe_jax import corpora
 from moe_jax import data
+from moe_jax import evaluation
 from moe_jax import inspect as inspect_lib
 from moe_jax import train
 from moe_jax import trainer
@@ -119,6 +122,67 @@ def test_report_says_tokens_go_by_parity(parity_checkpoint, tmp_path):
       assert layer["experts"][e]["top_tokens"] == []
 
 
+MIXTURE = "inspect_test_mixture"
+MIXTURE_TASKS = ("multidomain_prefix_lm", "pydocs_prefix_lm")  # synthetic words vs Python docs
+
+
+@pytest.fixture
+def mixture():
+  seqio.MixtureRegistry.add(MIXTURE, [(task, 1.0) for task in MIXTURE_TASKS])
+  yield MIXTURE
+  seqio.MixtureRegistry.remove(MIXTURE)
+
+
+def test_mixture_columns_are_its_tasks(parity_checkpoint, mixture, tmp_path):
+  checkpoint, _ = parity_checkpoint
+  report = train.run(inspect_lib.inspect_checkpoint, [
+      "--gin_file=gin/models/switch_tiny.gin", "--gin_file=gin/runs/inspect.gin",
+      *[f"--gin.{b}" for b in MODEL_BINDINGS], f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
+      "--gin.BATCH_SIZE=8", f"--gin.EVAL_STEPS={BATCHES}",
+      f'--gin.MIXTURE_OR_TASK_NAME="{mixture}"',
+      f'--gin.CHECKPOINT_PATH="{checkpoint}"', f'--gin.INSPECT_OUTPUT_DIR="{tmp_path}"'],
+      "moe_jax.inspect")
+  assert report["tasks"] == {task: BATCHES for task in MIXTURE_TASKS}
+  # Each task's non-padding tokens, per layer: the router sends even ids to expert 0, odd to 1.
+  tokens = {"encoder/layers_1/mlp": [], "decoder/layers_1/mlp": []}
+  for task in MIXTURE_TASKS:
+    batches = list(itertools.islice(data.get_dataset(
+        task, LENGTHS, "validation", 8, shuffle=False, pack=False, num_epochs=1), BATCHES))
+    tokens["encoder/layers_1/mlp"].append(np.concatenate(
+        [b["encoder_input_tokens"][b["encoder_input_tokens"] > 0] for b in batches]))
+    tokens["decoder/layers_1/mlp"].append(np.concatenate(
+        [b["decoder_input_tokens"][b["decoder_target_tokens"] > 0] for b in batches]))
+  md = (tmp_path / "report.md").read_text()
+  assert (tmp_path / "heatmap.png").stat().st_size > 0
+  for name, per_task in tokens.items():
+    layer = report["layers"][name]
+    assert layer["column_kind"] == "task" and layer["columns"] == ["multidomain", "pydocs"]
+    assert layer["labelled_fraction"] == 1.0
+    joint = np.zeros((4, len(per_task)), np.int64)  # [expert, task]
+    for t, ids in enumerate(per_task):
+      for i in ids:
+        joint[i % 2, t] += 1
+    assert np.array_equal(layer["column_counts"], joint)
+    assert np.sum(layer["column_counts"], axis=0).tolist() == [len(ids) for ids in per_task]
+    n = joint.sum()
+    mi = sum(joint[e, t] / n * np.log(joint[e, t] * n / (joint[e].sum() * joint[:, t].sum()))
+             for e in range(4) for t in range(len(per_task)) if joint[e, t])
+    h = -sum(c / n * np.log(c / n) for c in joint.sum(0))
+    assert mi > 0
+    assert layer["mutual_information_nats"] == pytest.approx(mi, rel=1e-9)
+    assert layer["mutual_information_bits"] == pytest.approx(mi / np.log(2), rel=1e-9)
+    assert layer["column_entropy_nats"] == pytest.approx(h, rel=1e-9)
+    assert f"**{mi:.4f} nats ({mi / np.log(2):.4f} bits)** of H(task) = {h:.4f} nats" in md
+
+
+def test_short_task_names():
+  assert evaluation.short_task_names(
+      ["manpages_de_prefix_lm", "manpages_pt_BR_prefix_lm", "manpages_pl_prefix_lm"]) == (
+          "de", "pt_BR", "pl")
+  assert evaluation.short_task_names(["a_x", "a_x_y"]) == ("a_x", "a_x_y")  # "" -> unchanged
+  assert evaluation.short_task_names(["c4_en_span", "pydocs_span"]) == ("c4_en", "pydocs")
+
+
 def test_domain_labels_follow_the_corpus_chains():
   spec = corpora.MultiDomainSpec(data.multidomain_words(), num_domains=8)
   vocab = data.get_vocabulary()
@@ -128,7 +192,7 @@ def test_domain_labels_follow_the_corpus_chains():
   for i in range(40):
     text, domain = corpora.multidomain_document(spec, "validation", i)
     ids = np.array([vocab.encode(text)])
-    labels = columns.label(ids)[0]
+    labels = columns.label(ids, 0)[0]
     assert labels[0] == -1  # no previous token
     right += int((labels == domain).sum())
     wrong += int(((labels >= 0) & (labels != domain)).sum())

@@ -273,3 +273,23 @@ def test_register_refuses_a_single_language(built):
   with pytest.raises(ValueError, match="no documents"):
     multilingual.register_manpages(corpus_dir=corpus.path, languages=["xx", LANGS[0]],
                                    prefix="testman1")
+
+
+def test_task_documents_are_the_pages_cut_at_paragraph_ends(tasks, built):
+  # Every page's text reaches the task, in page order, in pieces of at most 2,000 characters
+  # (a long page used to be one document: span corruption tokenized it whole and prefix LM read
+  # one random chunk of it per pass). Reference: the records written by the build.
+  corpus, _ = tasks
+  _, records = built
+  for lang in corpus.languages:
+    for split in ("train", "validation"):
+      ds = seqio.get_mixture_or_task(f"testman_{lang}_prefix_lm").source.get_dataset(
+          split, shuffle=False)
+      pieces = [x["text"].decode() for x in ds.as_numpy_iterator()]
+      pages = sorted((r["page"], r["text"]) for r in records
+                     if r["language"] == lang and r["split"] == split)
+      assert all(len(p) <= 2000 or "\n" not in p for p in pieces)
+      assert "".join("".join(pieces).split()) == "".join("".join(t for _, t in pages).split())
+      assert len(pieces) >= len(pages)
+      if any(len(t) > 2000 for _, t in pages):
+        assert len(pieces) > len(pages)

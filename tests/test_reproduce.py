@@ -5,6 +5,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
 import claims  # pylint: disable=wrong-import-position
@@ -103,3 +104,81 @@ def test_upcycling_quick_trains_on_from_the_stage_one_checkpoints(tmp_path):
   assert saved["figures"]["upcycled_gain_over_dense"] == \
       final["dense T5, trained on"] - final["Switch upcycled from the dense checkpoint"]
   assert all(np.isfinite(list(final.values())))
+
+
+def _write_metrics(model_dir, evals, tasks, tokens=100.0):
+  """A finished run's metrics.jsonl: one train row and an eval row per (step, {task: xent})."""
+  os.makedirs(model_dir, exist_ok=True)
+  rows = [{"step": evals[-1][0], "split": "train", "cross_ent_loss": 5.0,
+           "tokens_per_second": 100.0}]
+  for step, xent in evals:
+    row = {"step": step, "split": "eval"}
+    for task in tasks:
+      row.update({f"eval/{task}/loss": xent[task] + 0.01, f"eval/{task}/cross_ent_loss": xent[task],
+                  f"eval/{task}/num_tokens": tokens})
+    rows.append(row)
+  with open(os.path.join(model_dir, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def test_languages_analysis_per_language_gaps_and_steps(tmp_path):
+  # Two mixture runs with hand-made curves; every expected figure is worked out by hand.
+  tasks = ["man_de_lm", "man_fr_lm"]
+  curve = lambda at100, at200: [(100, dict(zip(tasks, at100))), (200, dict(zip(tasks, at200)))]
+  dense = curve((4.0, 5.0), (3.0, 4.0))
+  switch = curve((3.5, 5.2), (2.5, 4.1))
+  _write_metrics(tmp_path / "d", dense, tasks)
+  _write_metrics(tmp_path / "s", switch, tasks)
+  runs = {"dense": [claims.run_summary(str(tmp_path / "d"), 100.0)],
+          "switch": [claims.run_summary(str(tmp_path / "s"), 120.0)]}
+  # A mixture's eval loss is the mean over its tasks (each language counts once).
+  assert runs["dense"][0]["eval_loss"] == [4.5, 3.5]
+  f = reproduce._languages(claims.Trained(200, [], runs, []))
+  v = f["variants"]["switch"]
+  assert v["gap"] == pytest.approx({"de": 0.5, "fr": -0.1})
+  assert (v["languages_ahead"], v["languages"]) == (1, 2)
+  assert v["mean_gap"] == pytest.approx(0.2)
+  # de: 3.5 -> 2.5 crosses the dense final 3.0 halfway; fr never reaches 4.0.
+  assert v["steps_to_dense_final_per_language"] == {"de": 150.0, "fr": None}
+  # Mean over languages: 4.35 -> 3.3 reaches 3.5 at 100 + 100 * 0.85 / 1.05.
+  assert v["steps_to_dense_final"] == pytest.approx(100 + 100 * 0.85 / 1.05)
+  assert v["time_ratio"] == pytest.approx(v["steps_to_dense_final"] / 200 * 120 / 100)
+  assert f["eval_tokens"] == {"de": 100.0, "fr": 100.0}
+  text = reproduce._languages_text({"figures": f, "steps": 200})
+  assert "| de | 100 | 3.0000 | +0.5000 |" in text and "ahead in 1 of 2 languages" in text
+
+
+def test_a_claim_with_a_data_gin_leaves_the_task_to_it(tmp_path):
+  claim = reproduce.CLAIMS["multilingual"]
+  for run in claims.plan(claim, (0,), 10, "tiny", False, str(tmp_path)):
+    gins = [a for a in run.cmd if a.startswith("--gin_file=")]
+    assert gins[-1] == "--gin_file=gin/runs/manpages.gin"
+    assert not any("MIXTURE_OR_TASK_NAME" in a for a in run.cmd)
+
+
+def test_torch_control_analysis_sets_both_gains_side_by_side(tmp_path):
+  # The moe_jax runs and HF's output (as scripts/torch_control.py writes it) on disk, so the
+  # analysis reads them instead of training; expected gains by hand.
+  claim = reproduce.CLAIMS["torch_control_stdlib"]
+  planned = claims.plan(claim, (0,), 200, "tiny", False, str(tmp_path))
+  for run, final in zip(planned, (3.0, 3.1)):  # dense, Switch
+    _write_metrics(run.model_dir, [(100, {"t": final + 1}), (200, {"t": final})], ["t"])
+  out = tmp_path / "hf_pystdlib_prefix_lm_seed0"
+  os.makedirs(out / "batches" / "train")
+  np.save(out / "batches" / "train" / "decoder_loss_weights.npy", np.ones((2, 4, 8)))
+  with open(out / "batches" / "meta.json", "w") as f:
+    json.dump({}, f)
+  hf = {"runs": [{"model": m, "eval_loss": x, "train_seconds": 8.0,
+                  "eval_curve": [{"step": 100, "eval_loss": x + 1}, {"step": 200, "eval_loss": x}]}
+                 for m, x in (("t5_tiny", 3.2), ("switch_tiny", 3.0))]}
+  with open(out / "hf.json", "w") as f:
+    json.dump(hf, f)
+  runs = {r.label: [claims.run_summary(r.model_dir, 10.0)] for r in planned}
+  f = reproduce._torch_control(claims.Trained(200, planned, runs, [], claim))
+  assert list(runs) == ["moe_jax dense T5", "moe_jax Switch", "HF T5 (PyTorch)",
+                        "HF Switch (PyTorch)"]
+  assert f["switch_gain"] == pytest.approx({"moe_jax": -0.1, "HF": 0.2})
+  assert f["switch_steps_to_dense_final"]["moe_jax"] is None
+  assert f["switch_steps_to_dense_final"]["HF"] == pytest.approx(180.0)
+  assert f["final_eval_loss"]["HF T5 (PyTorch)"] == 3.2
+  assert runs["HF Switch (PyTorch)"][0]["tokens_per_second"] == 64 / 8.0

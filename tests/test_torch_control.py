@@ -150,6 +150,30 @@ def test_same_seed_same_run(tc, exported):
   runs = [tc.train_one(spec, 3, meta, parts, args) for _ in range(2)]
   assert runs[0]["train_loss"] == runs[1]["train_loss"]
   assert runs[0]["eval"] == runs[1]["eval"]
+  # Evals during training (eval capacity, no grad) leave the training itself unchanged.
+  switch = tc.hf_model_spec("switch_tiny", meta["vocab_size"])
+  plain = tc.train_one(switch, 3, meta, parts, args)
+  evaluated = tc.train_one(switch, 3, meta, parts, argparse.Namespace(**vars(args), eval_period=1))
+  assert evaluated["train_loss"] == plain["train_loss"] and evaluated["eval"] == plain["eval"]
+  assert [c["step"] for c in evaluated["eval_curve"]] == [1, 2]
+  assert evaluated["eval_curve"][-1]["eval_loss"] == plain["eval_loss"]
+  assert evaluated["eval_curve"][0]["eval_loss"] != plain["eval_loss"]
+
+
+def test_export_takes_the_data_bindings_of_the_run(tc, tmp_path):
+  # A binding the task's data needs (here a 1,000-piece vocabulary instead of the default 2,000)
+  # reaches the export, as --gin does a training run's; in its own process (gin is global).
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path / "batches")
+  subprocess.run([sys.executable, os.path.join(REPO, "scripts", "torch_control.py"), "export",
+                  "--task", TASK, "--out", out, "--steps", "1", "--batch_size", "2",
+                  "--inputs_length", "32", "--targets_length", "8", "--eval_steps", "1",
+                  "--gin_binding", "get_vocabulary.vocab_size=1000"], check=True,
+                 env=dict(os.environ, MOE_JAX_CACHE_DIR=str(tmp_path / "cache")))
+  meta, parts = tc.load_batches(out)
+  assert meta["vocab_size"] == 1100 and meta["gin_bindings"] == ["get_vocabulary.vocab_size=1000"]
+  assert parts["train"]["decoder_target_tokens"].max() < 1100
 
 
 def test_models_without_an_hf_form_are_refused(tc):

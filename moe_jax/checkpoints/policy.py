@@ -82,11 +82,13 @@ def _ignore_closed_loop_callbacks() -> None:
 class _UnretrievedOrbaxErrors(logging.Filter):
   """Drops asyncio's "Task exception was never retrieved" for orbax's tasks: after a failed
   read, its other reads' tasks report the same error whenever they are garbage-collected, which
-  may be long after the error was reported (or the run stopped) in one line."""
+  may be long after the error was reported (or the run stopped) in one line. A task that awaited
+  a tensorstore read directly has no orbax frame in its traceback: its error names tensorstore."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not (record.getMessage().startswith("Task exception was never retrieved")
-                and record.exc_info and _through_orbax(record.exc_info[2]))
+                and record.exc_info and (_through_orbax(record.exc_info[2])
+                                         or "tensorstore" in str(record.exc_info[1])))
 
 
 def _drop_unretrieved_orbax_errors() -> None:
