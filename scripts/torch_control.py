@@ -335,6 +335,7 @@ def train_one(spec: Mapping[str, Any], seed: int, meta: Mapping[str, Any],
   steps = min(args.steps or meta["steps"], len(train["encoder_input_tokens"]))
   import tqdm  # pylint: disable=import-outside-toplevel
   rows, curve, seconds = [], [], 0.0
+  period = getattr(args, "eval_period", 0)
   for step in tqdm.trange(steps, desc=f"{spec['name']} seed {seed}", unit="step"):
     if step == 0 or not model.training:
       model.train()
@@ -350,7 +351,6 @@ def train_one(spec: Mapping[str, Any], seed: int, meta: Mapping[str, Any],
     seconds += time.perf_counter() - start  # training time alone, evals left out
     if not math.isfinite(rows[-1]["loss"]):
       raise FloatingPointError(f"{spec['name']} seed {seed}: non-finite loss at step {step}")
-    period = getattr(args, "eval_period", 0)
     if period and (step + 1) % period == 0 and step + 1 < steps:
       curve.append({"step": step + 1, "eval": evaluate(model, spec, parts, lengths)})
   evals = evaluate(model, spec, parts, lengths)
