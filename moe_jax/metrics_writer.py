@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Mapping
 
 import jax
@@ -68,7 +69,10 @@ class MetricsLogger:
       self.writer.write_histograms(step, hists)
     self.writer.flush()
     if self.jsonl:
-      row = dict(step=step, **extra, **scalars, **{k: v.tolist() for k, v in hists.items()})
+      # time: Unix seconds when the row was written (as TensorBoard's wall_time), so a run's
+      # time to a given loss reads back from its JSON lines.
+      row = dict(step=step, time=round(time.time(), 2), **extra, **scalars,
+                 **{k: v.tolist() for k, v in hists.items()})
       self.jsonl.write(json.dumps(row) + "\n")
       self.jsonl.flush()
 

@@ -206,8 +206,10 @@ def run_one(cmd: Sequence[str], model_dir: str, steps: int) -> float | None:
   if not _finished(model_dir, steps):
     os.makedirs(model_dir, exist_ok=True)
     with open(os.path.join(model_dir, "load_at_start"), "w") as f:
-      f.write(f"{os.getloadavg()[0]:.2f}\n")  # 1-minute load average: was the machine idle?
+      f.write(f"{os.getloadavg()[0]:.3f}\n")  # 1-minute load average: was the machine idle?
     start = time.time()
+    with open(os.path.join(model_dir, "started_at"), "w") as f:
+      f.write(f"{start:.2f}\n")  # Unix seconds: metrics.jsonl's row times count from here
     with open(os.path.join(model_dir, "train.log"), "w") as log:
       result = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
     if result.returncode:
@@ -272,12 +274,23 @@ def _eval_xent(row: dict) -> float:
   return float(np.mean([row[k] for k in _eval_keys(row)]))
 
 
-def _load_at_start(model_dir: str) -> float | None:
-  path = os.path.join(model_dir, "load_at_start")
+def _number(model_dir: str, name: str) -> float | None:
+  """The number run_one kept in MODEL_DIR/name (load_at_start, started_at), None if absent."""
+  path = os.path.join(model_dir, name)
   if not os.path.exists(path):
     return None
   with open(path) as f:
     return float(f.read())
+
+
+def _eval_seconds(model_dir: str, evals: list[dict]) -> list[float] | None:
+  """Seconds from the start of the run's command to each eval row (rows carry their Unix time
+  since metrics.jsonl had one); None for a run without them or one resumed (its rows' times
+  would include the pause)."""
+  started = _number(model_dir, "started_at")
+  if started is None or not all("time" in r for r in evals) or evals[0]["time"] < started:
+    return None
+  return [r["time"] - started for r in evals]
 
 
 def run_summary(model_dir: str, seconds: float | None) -> dict[str, Any]:
@@ -294,7 +307,8 @@ def run_summary(model_dir: str, seconds: float | None) -> dict[str, Any]:
       "tokens_per_second": float(np.median([r["tokens_per_second"] for r in train_rows
                                             if "tokens_per_second" in r])),
       "train_seconds": seconds,
-      "load_at_start": _load_at_start(model_dir),
+      "load_at_start": _number(model_dir, "load_at_start"),
+      "eval_seconds": _eval_seconds(model_dir, evals),
   }
   keys = _eval_keys(evals[-1])
   if len(keys) > 1:  # a mixture: each task's curve and eval tokens

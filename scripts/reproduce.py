@@ -80,13 +80,13 @@ _MULTILINGUAL_PAPER = ("Switch Transformer Sec. 5.4 / Fig. 7: mSwitch-Base beats
 
 
 def _multilingual(title: str, variants: tuple[Variant, ...], seeds: tuple[int, ...],
-                  objective: str = "prefix_lm") -> Claim:
+                  objective: str = "prefix_lm", extra: tuple[str, ...] = ()) -> Claim:
   """A claim on the manual-pages mixture: prefix LM at 64/64, or span corruption at
-  pretrain.gin's 64/16."""
+  pretrain.gin's 64/16; `extra` bindings last."""
   bindings = ("TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}",) if objective == "prefix_lm" \
       else (f"multilingual.register_manpages.objective='{objective}'",)
   return Claim(title, _MULTILINGUAL_PAPER, variants, task=f"manpages_{objective}", seeds=seeds,
-               bindings=(*bindings, "EVAL_STEPS=4"), analysis="languages",
+               bindings=(*bindings, "EVAL_STEPS=4", *extra), analysis="languages",
                data_gin="manpages.gin")
 
 
@@ -241,6 +241,11 @@ CLAIMS.update({
     "multilingual_levers": _multilingual(
         "More sparse layers and experts at equal FLOPs (manual pages)",
         (_DENSE, _SWITCH, _EVERY_LAYER_32), (0,)),
+    # The third lever: twice the tokens per step (BATCH_SIZE 64), so each expert sees twice
+    # the tokens per step and the run twice the data.
+    "multilingual_batch": _multilingual(
+        "Larger batches (64 rows) at equal FLOPs per token (manual pages)",
+        (_DENSE, _SWITCH), (0,), extra=("BATCH_SIZE=64",)),
     "torch_control_stdlib": _control(
         "PyTorch control on the Python stdlib: HF and moe_jax, same batches",
         "pystdlib_prefix_lm", ("data.get_vocabulary.corpus='pystdlib'",), 20),
@@ -274,6 +279,37 @@ def steps_to_reach(steps: Sequence[int], loss: Sequence[float], target: float) -
   return None
 
 
+# A run had the machine to itself when the 1-minute load average at its start was below this:
+# only such runs' seconds are compared.
+ALONE_LOAD = 0.5
+
+
+def time_to_reach(dense: dict, run: dict) -> dict[str, Any] | None:
+  """One seed's time to quality, measured: the seconds from the start of run's command to the
+  point its eval curve reaches dense's final eval loss (interpolated between eval rows, as the
+  step), against dense's seconds to its final eval; None unless both ran alone (load average
+  < ALONE_LOAD at their start) with row times. ratio: run's seconds / dense's."""
+  pair = (dense, run)
+  if any(r.get("eval_seconds") is None or r.get("load_at_start") is None
+         or r["load_at_start"] >= ALONE_LOAD for r in pair):
+    return None
+  step = steps_to_reach(run["eval_steps"], run["eval_loss"], dense["eval_loss"][-1])
+  reached = step is not None
+  seconds = float(np.interp(step, run["eval_steps"], run["eval_seconds"])) if reached else None
+  dense_seconds = dense["eval_seconds"][-1]
+  return {"step_ratio": step / dense["eval_steps"][-1] if reached else None,
+          "seconds": seconds, "dense_seconds": dense_seconds,
+          "ratio": seconds / dense_seconds if reached else None,
+          "load_at_start": [r["load_at_start"] for r in pair]}
+
+
+def _time_ratio(measured: list[dict | None]) -> float | None:
+  """Mean over the seeds measured alone of their time ratios (None where Switch never reached
+  the dense final loss or no seed ran alone)."""
+  ratios = [m["ratio"] for m in measured if m]
+  return float(np.mean(ratios)) if ratios and None not in ratios else None
+
+
 def _mean_curve(runs: list[dict]) -> tuple[list[int], np.ndarray]:
   return runs[0]["eval_steps"], np.mean([r["eval_loss"] for r in runs], axis=0)
 
@@ -292,15 +328,17 @@ def _final_loss(t: Trained) -> dict[str, Any]:
 
 def _speedup(t: Trained) -> dict[str, Any]:
   """Where the sparse model's mean curve reaches the dense model's final loss: the step
-  speed-up, and the time speed-up at the runs' tokens/s."""
+  speed-up; the time speed-up measured on the seeds whose two runs each had the machine alone
+  (time_to_reach; None when none did)."""
   dense, sparse = t.runs
   steps, dense_curve = _mean_curve(t.runs[dense])
   reach = steps_to_reach(steps, _mean_curve(t.runs[sparse])[1], dense_curve[-1])
-  tps = _per_label(t, lambda r: r["tokens_per_second"])
-  step_speedup = steps[-1] / reach if reach else None
-  return {**_final_loss(t), "steps_to_dense_final": reach, "step_speedup": step_speedup,
-          "tokens_per_second": tps,
-          "time_speedup": step_speedup * tps[sparse] / tps[dense] if reach else None}
+  measured = [time_to_reach(d, s) for d, s in zip(t.runs[dense], t.runs[sparse])]
+  ratio = _time_ratio(measured)
+  return {**_final_loss(t), "steps_to_dense_final": reach,
+          "step_speedup": steps[-1] / reach if reach else None,
+          "tokens_per_second": _per_label(t, lambda r: r["tokens_per_second"]),
+          "time_speedup": 1 / ratio if ratio else None, "time_to_dense_final_alone": measured}
 
 
 def _capacity(t: Trained) -> dict[str, Any]:
@@ -360,15 +398,14 @@ def _languages(t: Trained) -> dict[str, Any]:
   seeds: the final eval cross-entropy gap (dense - variant: > 0 is ahead), per seed too (runs
   of a seed share data and eval batches); in how many languages it is ahead; the step where its
   curve reaches the dense model's final loss, per language and for the mean over languages;
-  the wall-clock ratio at that step (its seconds per step, measured over its run, against the
-  dense run's seconds; each run's load average at its start is kept beside it)."""
+  the wall-clock ratio to that loss, measured per seed on runs that had the machine alone
+  (time_to_reach; each run's load average at its start is kept beside it)."""
   (dense_label, dense), *others = t.runs.items()
   tasks = list(dense[0]["eval_tasks"])
   steps = dense[0]["eval_steps"]
   def curve(runs: list[dict], task: str) -> np.ndarray:
     return np.mean([r["eval_tasks"][task] for r in runs], axis=0)
   dense_final = {task: float(curve(dense, task)[-1]) for task in tasks}
-  dense_seconds = np.mean([r["train_seconds"] or np.nan for r in dense])
   from moe_jax import evaluation  # pylint: disable=import-outside-toplevel  (jax: only here)
   names = dict(zip(tasks, evaluation.short_task_names(tasks)))
   variants = {}
@@ -378,14 +415,13 @@ def _languages(t: Trained) -> dict[str, Any]:
                            for d, r in zip(dense, runs)] for k in tasks}
     reach = {names[k]: steps_to_reach(steps, curve(runs, k), dense_final[k]) for k in tasks}
     overall = steps_to_reach(steps, _mean_curve(runs)[1], _mean_curve(dense)[1][-1])
-    seconds = np.mean([r["train_seconds"] or np.nan for r in runs])
-    time_ratio = overall / steps[-1] * seconds / dense_seconds if overall else None
+    measured = [time_to_reach(d, r) for d, r in zip(dense, runs)]
     variants[label] = {
         "languages_ahead": sum(g > 0 for g in gap.values()), "languages": len(gap),
         "mean_gap": float(np.mean(list(gap.values()))), "gap": gap, "gap_per_seed": per_seed,
         "steps_to_dense_final": overall,
         "step_ratio": overall / steps[-1] if overall else None,
-        "time_ratio": None if time_ratio is None or np.isnan(time_ratio) else float(time_ratio),
+        "time_ratio": _time_ratio(measured), "time_to_dense_final_alone": measured,
         "steps_to_dense_final_per_language": reach,
         "load_at_start": [r.get("load_at_start") for r in runs]}
   return {**_final_loss(t), "dense": dense_label,
@@ -465,9 +501,16 @@ def _languages_text(report: dict[str, Any]) -> str:
         f"- {label}: ahead in {v['languages_ahead']} of {v['languages']} languages, mean gap "
         f"{v['mean_gap']:+.4f} nats; mean over languages {f['final_eval_loss'][label]:.4f} vs "
         f"{f['final_eval_loss'][f['dense']]:.4f}; reaches the dense final loss "
-        + (f"at step {reach:.0f} ({v['step_ratio']:.2f} of the steps"
-           + (f", {v['time_ratio']:.2f} of the wall-clock)" if v["time_ratio"] else ")")
-           if reach else f"not within {steps} steps"))
+        + (f"at step {reach:.0f} ({v['step_ratio']:.2f} of the steps)" if reach
+           else f"not within {steps} steps"))
+    for seed, m in zip(report["seeds"], v["time_to_dense_final_alone"]):
+      if m:  # a seed whose two runs had the machine alone
+        lines.append(
+            f"  - seed {seed}, alone (load {m['load_at_start'][0]:.2f} / "
+            f"{m['load_at_start'][1]:.2f}): dense {m['dense_seconds']:.0f} s to its final eval; "
+            + (f"{label} reaches that loss at {m['step_ratio']:.2f} of the steps and "
+               f"{m['seconds']:.0f} s, **{m['ratio']:.2f} of the wall-clock**" if m["ratio"]
+               else f"{label} does not reach it"))
   return "\n".join(lines)
 
 

@@ -106,13 +106,20 @@ def test_upcycling_quick_trains_on_from_the_stage_one_checkpoints(tmp_path):
   assert all(np.isfinite(list(final.values())))
 
 
-def _write_metrics(model_dir, evals, tasks, tokens=100.0):
-  """A finished run's metrics.jsonl: one train row and an eval row per (step, {task: xent})."""
+def _write_metrics(model_dir, evals, tasks, tokens=100.0, seconds=None, load=None):
+  """A finished run's metrics.jsonl: one train row and an eval row per (step, {task: xent});
+  with `seconds`, eval rows written that many seconds after the run's start (started_at, as
+  reproduce.py's run_one keeps it) and its load average at the start."""
   os.makedirs(model_dir, exist_ok=True)
+  started = 1.8e9
   rows = [{"step": evals[-1][0], "split": "train", "cross_ent_loss": 5.0,
            "tokens_per_second": 100.0}]
-  for step, xent in evals:
-    row = {"step": step, "split": "eval"}
+  if seconds:
+    for name, value in (("started_at", started), ("load_at_start", load)):
+      with open(os.path.join(model_dir, name), "w") as f:
+        f.write(f"{value}\n")
+  for i, (step, xent) in enumerate(evals):
+    row = {"step": step, "split": "eval", **({"time": started + seconds[i]} if seconds else {})}
     for task in tasks:
       row.update({f"eval/{task}/loss": xent[task] + 0.01, f"eval/{task}/cross_ent_loss": xent[task],
                   f"eval/{task}/num_tokens": tokens})
@@ -127,10 +134,11 @@ def test_languages_analysis_per_language_gaps_and_steps(tmp_path):
   curve = lambda at100, at200: [(100, dict(zip(tasks, at100))), (200, dict(zip(tasks, at200)))]
   dense = curve((4.0, 5.0), (3.0, 4.0))
   switch = curve((3.5, 5.2), (2.5, 4.1))
-  _write_metrics(tmp_path / "d", dense, tasks)
-  _write_metrics(tmp_path / "s", switch, tasks)
-  runs = {"dense": [claims.run_summary(str(tmp_path / "d"), 100.0)],
-          "switch": [claims.run_summary(str(tmp_path / "s"), 120.0)]}
+  # Both alone (load 0.2, 0.3 at start); dense evals at 50 s and 100 s, Switch at 60 s, 120 s.
+  _write_metrics(tmp_path / "d", dense, tasks, seconds=(50.0, 100.0), load=0.2)
+  _write_metrics(tmp_path / "s", switch, tasks, seconds=(60.0, 120.0), load=0.3)
+  runs = {"dense": [claims.run_summary(str(tmp_path / "d"), 110.0)],
+          "switch": [claims.run_summary(str(tmp_path / "s"), 130.0)]}
   # A mixture's eval loss is the mean over its tasks (each language counts once).
   assert runs["dense"][0]["eval_loss"] == [4.5, 3.5]
   f = reproduce._languages(claims.Trained(200, [], runs, []))
@@ -142,10 +150,39 @@ def test_languages_analysis_per_language_gaps_and_steps(tmp_path):
   assert v["steps_to_dense_final_per_language"] == {"de": 150.0, "fr": None}
   # Mean over languages: 4.35 -> 3.3 reaches 3.5 at 100 + 100 * 0.85 / 1.05.
   assert v["steps_to_dense_final"] == pytest.approx(100 + 100 * 0.85 / 1.05)
-  assert v["time_ratio"] == pytest.approx(v["steps_to_dense_final"] / 200 * 120 / 100)
+  # Measured time: Switch is there 0.85 / 1.05 of the way from its 60 s eval to its 120 s one;
+  # dense took 100 s to its final eval (not its 110 s command: the end's checkpoint is not
+  # training time).
+  seconds = 60 + 60 * 0.85 / 1.05
+  m = dict(v["time_to_dense_final_alone"][0])
+  assert m.pop("load_at_start") == [0.2, 0.3]
+  assert m == pytest.approx({"step_ratio": v["steps_to_dense_final"] / 200, "seconds": seconds,
+                             "dense_seconds": 100.0, "ratio": seconds / 100})
+  assert v["time_ratio"] == pytest.approx(seconds / 100)
   assert f["eval_tokens"] == {"de": 100.0, "fr": 100.0}
-  text = reproduce._languages_text({"figures": f, "steps": 200})
+  text = reproduce._languages_text({"figures": f, "steps": 200, "seeds": [0]})
   assert "| de | 100 | 3.0000 | +0.5000 |" in text and "ahead in 1 of 2 languages" in text
+  assert "1.09 of the wall-clock" in text
+
+
+def test_time_to_reach_only_from_runs_alone_and_not_resumed(tmp_path):
+  evals = [(100, {"t": 4.0}), (200, {"t": 3.0})]
+  def summary(name, load, seconds=(50.0, 100.0)):
+    _write_metrics(tmp_path / name, evals, ["t"], seconds=seconds, load=load)
+    return claims.run_summary(str(tmp_path / name), None)
+  alone = summary("alone", 0.1)
+  assert reproduce.time_to_reach(alone, alone)["ratio"] == 1.0
+  # A run beside another (load 1.2 at its start) is not a measurement of its time.
+  assert reproduce.time_to_reach(alone, summary("loaded", 1.2)) is None
+  # A run alone that never reaches the dense final loss (3.0): no time, the dense one's kept.
+  _write_metrics(tmp_path / "behind", [(100, {"t": 4.0}), (200, {"t": 3.5})], ["t"],
+                 seconds=(50.0, 100.0), load=0.1)
+  behind = reproduce.time_to_reach(alone, claims.run_summary(str(tmp_path / "behind"), None))
+  assert (behind["ratio"], behind["seconds"], behind["dense_seconds"]) == (None, None, 100.0)
+  assert reproduce._time_ratio([behind, reproduce.time_to_reach(alone, alone)]) is None
+  # A resumed run: its first eval row was written before this command started.
+  resumed = summary("resumed", 0.1, seconds=(-500.0, 100.0))
+  assert resumed["eval_seconds"] is None and reproduce.time_to_reach(alone, resumed) is None
 
 
 def test_a_claim_with_a_data_gin_leaves_the_task_to_it(tmp_path):

@@ -121,6 +121,10 @@ def test_pretrain_loss_falls_and_logs_moe_metrics(pretrained):
     load = np.asarray(last[f"{prefix}/expert_load"])
     assert load.shape == (8,) and load.sum() == pytest.approx(1.0, abs=1e-5)
   assert last["aux_loss"] > 0
+  # Each row's Unix time of writing, in order, none after the file's last change.
+  times = [r["time"] for r in rows]
+  assert times == sorted(times)
+  assert times[-1] <= os.path.getmtime(os.path.join(pretrained, "metrics.jsonl")) + 1
   # TensorBoard event files (scalars + expert-load histograms) and finished checkpoints.
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(f"{pretrained}/train"))
   assert orbax_utils.latest_steps(pretrained) == [3, 6]
