@@ -340,6 +340,13 @@ _EVAL_SETTINGS = ("MIXTURE_OR_TASK_NAME=", "TASK_FEATURE_LENGTHS=", "BATCH_SIZE=
                   "data.")
 
 
+def _checked(cmd: Sequence[str], what: str) -> None:
+  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+  if done.returncode:
+    raise SystemExit(f"reproduce.py: error: {what} failed ({done.returncode}): "
+                     f"{shlex.join(cmd)}\n{done.stderr[-2000:]}")
+
+
 def own_batches_xent(run: Planned, n: int) -> tuple[dict[str, float], list[str]]:
   """A finished run's cross-entropy on the last n batches it trained on and on the n batches
   after them (`moe_jax.eval` with TRAIN_BATCHES_FROM), and the two commands as typed.
@@ -360,10 +367,7 @@ def own_batches_xent(run: Planned, n: int) -> tuple[dict[str, float], list[str]]
     eval_cmd = [*base, f"--gin.TRAIN_BATCHES_FROM={start}", f"--gin.EVAL_OUTPUT_DIR='{out_dir}'"]
     results = os.path.join(out_dir, "eval_results.json")
     if not os.path.exists(results):
-      done = subprocess.run(eval_cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-      if done.returncode:
-        raise SystemExit(f"reproduce.py: error: eval failed ({done.returncode}): "
-                         f"{shlex.join(eval_cmd)}\n{done.stderr[-2000:]}")
+      _checked(eval_cmd, "eval")
     with open(results) as f:
       xent[label] = json.load(f)[f"{task}/cross_ent_loss"]
     commands.append(display_command(eval_cmd))
@@ -373,13 +377,6 @@ def own_batches_xent(run: Planned, n: int) -> tuple[dict[str, float], list[str]]
 def _setting(claim: Claim, name: str) -> str:
   """The last binding of a macro among the claim's bindings (as gin takes the last)."""
   return [b.split("=", 1)[1] for b in claim.bindings if b.startswith(f"{name}=")][-1]
-
-
-def _checked(cmd: Sequence[str], what: str) -> None:
-  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-  if done.returncode:
-    raise SystemExit(f"reproduce.py: error: {what} failed ({done.returncode}): "
-                     f"{shlex.join(cmd)}\n{done.stderr[-2000:]}")
 
 
 def hf_control(t: Trained, seed: int) -> tuple[dict[str, Any], list[str]]:
