@@ -61,7 +61,9 @@ def test_mfu_suite_reports_model_flops_over_step_time_and_peak():
     assert r["mfu"] == pytest.approx(r["flops_per_step"] / seconds / (devices * 2e12))
     assert r["gemm_fraction"] == pytest.approx(r["flops_per_step"] / seconds
                                                / (devices * r["gemm_tflops"] * 1e12))
-    assert 0 < r["gemm_fraction"] < 1
+    # No upper bound here: 8 simulated devices share 2 cores and one timing round, so a
+    # step can outrun 8x one device's matmul (1.09 seen in CI); the bound is a chip fact.
+    assert r["gemm_fraction"] > 0
   assert "| switch_tiny |" in benchmark.markdown(
       {"grid_name": "test", "grid": grid, "mfu": rows, "command": "-",
        "environment": {"backend": "cpu", "device": "cpu", "cpus": 2, "jax": "-",
