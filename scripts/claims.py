@@ -23,6 +23,10 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# A run had the machine to itself when the 1-minute load average at its start was below this:
+# only such runs' seconds are compared (reproduce.time_to_reach).
+ALONE_LOAD = 0.5
+
 # CPU-length runs: the T5 schedule with 1k warmup steps (lr 0.032, then 1/sqrt(step)) instead
 # of 10k (a constant 0.01 for the whole run), which learns faster at this length.
 COMMON_BINDINGS = ("WARMUP_STEPS=1000",)
@@ -199,11 +203,22 @@ def _finished(model_dir: str, steps: int) -> bool:
   return bool(train) and train[-1]["step"] >= steps
 
 
-def run_one(cmd: Sequence[str], model_dir: str, steps: int) -> float | None:
-  """Trains unless finished; returns the wall seconds of the command (kept in MODEL_DIR/
-  wall_seconds, so a later analysis still has them; None if unknown)."""
+def wait_until_idle(poll_seconds: float = 10.0) -> None:
+  """Blocks until the 1-minute load average is below ALONE_LOAD (after a run it stays high for
+  a minute or two)."""
+  while os.getloadavg()[0] >= ALONE_LOAD:
+    time.sleep(poll_seconds)
+
+
+def run_one(cmd: Sequence[str], model_dir: str, steps: int, alone: bool = False
+            ) -> float | None:
+  """Trains unless finished (with `alone`, once the machine is idle: wait_until_idle); returns
+  the wall seconds of the command (kept in MODEL_DIR/wall_seconds, so a later analysis still
+  has them; None if unknown)."""
   seconds_file = os.path.join(model_dir, "wall_seconds")
   if not _finished(model_dir, steps):
+    if alone:
+      wait_until_idle()
     os.makedirs(model_dir, exist_ok=True)
     with open(os.path.join(model_dir, "load_at_start"), "w") as f:
       f.write(f"{os.getloadavg()[0]:.3f}\n")  # 1-minute load average: was the machine idle?
@@ -223,15 +238,17 @@ def run_one(cmd: Sequence[str], model_dir: str, steps: int) -> float | None:
     return float(f.read())
 
 
-def train(name: str, claim: Claim, planned: list[Planned], steps: int) -> Trained:
-  """Trains (or reuses) each planned run in order and reads it back: run_summary per seed, or in
-  a staged claim each run's eval_curve on the claim's step axis."""
+def train(name: str, claim: Claim, planned: list[Planned], steps: int, alone: bool = False
+          ) -> Trained:
+  """Trains (or reuses) each planned run in order (`alone`: each once the machine is idle) and
+  reads it back: run_summary per seed, or in a staged claim each run's eval_curve on the
+  claim's step axis."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   runs: dict[str, Any] = {}
   commands = []
   for p in tqdm(planned, desc=name, unit="run"):
     commands.append(display_command(p.cmd))
-    seconds = run_one(p.cmd, p.model_dir, p.end)
+    seconds = run_one(p.cmd, p.model_dir, p.end, alone)
     if claim.staged:
       runs[p.label] = eval_curve(p.model_dir, seconds)
     else:

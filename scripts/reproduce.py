@@ -11,6 +11,10 @@ docs/results): <claim>.json (every curve, the figures, the commands, seeds, wall
 Python version of the data) and <claim>.png (<claim>_mini.* at --scale mini); it prints the
 Markdown table that docs/results.md shows.
 
+--alone starts each run only once the machine is idle (1-minute load average < 0.5): a run's
+wall-clock seconds count only when it and its dense partner started so (time_to_reach), and a
+run that just ended keeps the load up for a minute or two.
+
 --quick shrinks a claim to a smoke-sized run on the tiny models (the test suite checks the
 direction of the robust effects this way); its figures are not results.
 
@@ -29,8 +33,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from claims import (ROOT, Claim, Stage, Trained, Variant, hf_control, own_batches_xent, plan,
-                    train)
+from claims import (ALONE_LOAD, ROOT, Claim, Stage, Trained, Variant, hf_control,
+                    own_batches_xent, plan, train)
 
 # Scales: 'tiny' (d_model 128, 2+2 layers, 8 experts: ~5 min per 1500 steps on 2 cores) and
 # 'mini' (d_model 256, 4+4 layers, 16 experts: ~8x the compute).
@@ -246,6 +250,12 @@ CLAIMS.update({
     "multilingual_batch": _multilingual(
         "Larger batches (64 rows) at equal FLOPs per token (manual pages)",
         (_DENSE, _SWITCH), (0,), extra=("BATCH_SIZE=64",)),
+    # The run length: 3x the steps (the rsqrt schedule does not depend on it, so the first
+    # 1,500 steps are the plain claim's); step_ratio_by_length tells whether the step ratio
+    # falls as the run grows.
+    "multilingual_long": dataclasses.replace(_multilingual(
+        "3x longer runs: the step ratio by run length (manual pages)",
+        (_DENSE, _SWITCH), (0,)), steps=4500),
     "torch_control_stdlib": _control(
         "PyTorch control on the Python stdlib: HF and moe_jax, same batches",
         "pystdlib_prefix_lm", ("data.get_vocabulary.corpus='pystdlib'",), 20),
@@ -279,25 +289,21 @@ def steps_to_reach(steps: Sequence[int], loss: Sequence[float], target: float) -
   return None
 
 
-# A run had the machine to itself when the 1-minute load average at its start was below this:
-# only such runs' seconds are compared.
-ALONE_LOAD = 0.5
-
-
-def time_to_reach(dense: dict, run: dict) -> dict[str, Any] | None:
+def time_to_reach(dense: dict, run: dict, at: int = -1) -> dict[str, Any] | None:
   """One seed's time to quality, measured: the seconds from the start of run's command to the
-  point its eval curve reaches dense's final eval loss (interpolated between eval rows, as the
-  step), against dense's seconds to its final eval; None unless both ran alone (load average
-  < ALONE_LOAD at their start) with row times. ratio: run's seconds / dense's."""
+  point its eval curve reaches dense's eval loss at eval row `at` (default: the final one;
+  interpolated between eval rows, as the step), against dense's seconds to that eval; None
+  unless both ran alone (load average < ALONE_LOAD at their start) with row times. ratio:
+  run's seconds / dense's."""
   pair = (dense, run)
   if any(r.get("eval_seconds") is None or r.get("load_at_start") is None
          or r["load_at_start"] >= ALONE_LOAD for r in pair):
     return None
-  step = steps_to_reach(run["eval_steps"], run["eval_loss"], dense["eval_loss"][-1])
+  step = steps_to_reach(run["eval_steps"], run["eval_loss"], dense["eval_loss"][at])
   reached = step is not None
   seconds = float(np.interp(step, run["eval_steps"], run["eval_seconds"])) if reached else None
-  dense_seconds = dense["eval_seconds"][-1]
-  return {"step_ratio": step / dense["eval_steps"][-1] if reached else None,
+  dense_seconds = dense["eval_seconds"][at]
+  return {"step_ratio": step / dense["eval_steps"][at] if reached else None,
           "seconds": seconds, "dense_seconds": dense_seconds,
           "ratio": seconds / dense_seconds if reached else None,
           "load_at_start": [r["load_at_start"] for r in pair]}
@@ -399,7 +405,8 @@ def _languages(t: Trained) -> dict[str, Any]:
   of a seed share data and eval batches); in how many languages it is ahead; the step where its
   curve reaches the dense model's final loss, per language and for the mean over languages;
   the wall-clock ratio to that loss, measured per seed on runs that had the machine alone
-  (time_to_reach; each run's load average at its start is kept beside it)."""
+  (time_to_reach; each run's load average at its start is kept beside it); both ratios by run
+  length (by_length: as if the runs had stopped at each eval)."""
   (dense_label, dense), *others = t.runs.items()
   tasks = list(dense[0]["eval_tasks"])
   steps = dense[0]["eval_steps"]
@@ -416,12 +423,20 @@ def _languages(t: Trained) -> dict[str, Any]:
     reach = {names[k]: steps_to_reach(steps, curve(runs, k), dense_final[k]) for k in tasks}
     overall = steps_to_reach(steps, _mean_curve(runs)[1], _mean_curve(dense)[1][-1])
     measured = [time_to_reach(d, r) for d, r in zip(dense, runs)]
+    # The same two ratios had the runs stopped at each earlier eval (the first eval is left
+    # out: a curve that starts below the target has no step before it to interpolate from).
+    by_length = []
+    for j, s in list(enumerate(steps))[1:]:
+      at = steps_to_reach(steps, _mean_curve(runs)[1], _mean_curve(dense)[1][j])
+      by_length.append({"steps": s, "step_ratio": at / s if at else None, "time_ratio":
+                        _time_ratio([time_to_reach(d, r, j) for d, r in zip(dense, runs)])})
     variants[label] = {
         "languages_ahead": sum(g > 0 for g in gap.values()), "languages": len(gap),
         "mean_gap": float(np.mean(list(gap.values()))), "gap": gap, "gap_per_seed": per_seed,
         "steps_to_dense_final": overall,
         "step_ratio": overall / steps[-1] if overall else None,
         "time_ratio": _time_ratio(measured), "time_to_dense_final_alone": measured,
+        "by_length": by_length,
         "steps_to_dense_final_per_language": reach,
         "load_at_start": [r.get("load_at_start") for r in runs]}
   return {**_final_loss(t), "dense": dense_label,
@@ -511,6 +526,10 @@ def _languages_text(report: dict[str, Any]) -> str:
             + (f"{label} reaches that loss at {m['step_ratio']:.2f} of the steps and "
                f"{m['seconds']:.0f} s, **{m['ratio']:.2f} of the wall-clock**" if m["ratio"]
                else f"{label} does not reach it"))
+    lines.append("  - by run length (steps: step ratio / wall-clock ratio alone): " + ", ".join(
+        f"{b['steps']}: " + " / ".join("-" if x is None else f"{x:.2f}"
+                                       for x in (b["step_ratio"], b["time_ratio"]))
+        for b in v["by_length"]))
   return "\n".join(lines)
 
 
@@ -675,7 +694,7 @@ ANALYSES = {
 
 def reproduce(name: str, *, seeds: Sequence[int] | None = None, steps: int | None = None,
               scale: str = "tiny", quick: bool = False, runs_dir: str, out: str,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              alone: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
   """Trains (or reuses) every run of claim `name`; writes <out>/<name>.json and .png
   (<name>_<scale>.* off the tiny scale), prints its Markdown, returns its report. A staged
   claim takes the first seed."""
@@ -684,7 +703,7 @@ def reproduce(name: str, *, seeds: Sequence[int] | None = None, steps: int | Non
   seeds = tuple(seeds) if seeds else claim.seeds
   seeds = seeds[:1] if claim.staged else seeds
   steps = steps or (60 if quick else claim.steps)
-  trained = train(name, claim, plan(claim, seeds, steps, scale, quick, runs_dir), steps)
+  trained = train(name, claim, plan(claim, seeds, steps, scale, quick, runs_dir), steps, alone)
   figures = analysis.figures(trained)
   report = {
       "claim": name, "title": claim.title, "paper": claim.paper, "task": claim.task,
@@ -728,6 +747,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--quick", action="store_true", help="smoke-sized runs (not results)")
   parser.add_argument("--runs_dir", default=os.path.join(ROOT, "runs", "reproduce"))
   parser.add_argument("--out", default=os.path.join(ROOT, "docs", "results"))
+  parser.add_argument("--alone", action="store_true",
+                      help=f"start each run once the machine is idle (1-minute load average "
+                           f"< {ALONE_LOAD}), so its seconds count as measured alone")
   args = parser.parse_args(argv)
   if args.list or not args.claim:
     for name, claim in CLAIMS.items():
@@ -736,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.claim not in CLAIMS:
     parser.error(f"claim: unknown {args.claim!r}; one of {', '.join(CLAIMS)}")
   reproduce(args.claim, seeds=args.seeds, steps=args.steps, scale=args.scale, quick=args.quick,
-            runs_dir=args.runs_dir, out=args.out)
+            runs_dir=args.runs_dir, out=args.out, alone=args.alone)
   return 0
 
 

@@ -165,6 +165,29 @@ def test_languages_analysis_per_language_gaps_and_steps(tmp_path):
   assert "1.09 of the wall-clock" in text
 
 
+def test_languages_analysis_ratios_by_run_length(tmp_path):
+  # As if the runs had stopped at each eval after the first; worked out by hand. Two languages
+  # with the same curve, so the mean over languages is that curve.
+  tasks = ["man_de_lm", "man_fr_lm"]
+  curve = lambda *losses: [(step, dict.fromkeys(tasks, x)) for step, x in zip((100, 200, 300),
+                                                                             losses)]
+  _write_metrics(tmp_path / "d", curve(4.0, 3.0, 2.5), tasks, seconds=(10.0, 20.0, 30.0),
+                 load=0.1)
+  _write_metrics(tmp_path / "s", curve(3.6, 2.8, 2.2), tasks, seconds=(12.0, 24.0, 36.0),
+                 load=0.1)
+  runs = {"dense": [claims.run_summary(str(tmp_path / "d"), None)],
+          "switch": [claims.run_summary(str(tmp_path / "s"), None)]}
+  f = reproduce._languages(claims.Trained(300, [], runs, []))
+  # At 200 the target is 3.0: Switch crosses it 0.6 / 0.8 of the way from 100 to 200 (step 175,
+  # 21 s against dense's 20 s); at 300 it is 2.5: halfway from 200 to 300 (250, 30 s vs 30 s).
+  by_length = f["variants"]["switch"]["by_length"]
+  assert [b["steps"] for b in by_length] == [200, 300]
+  assert [b["step_ratio"] for b in by_length] == pytest.approx([175 / 200, 250 / 300])
+  assert [b["time_ratio"] for b in by_length] == pytest.approx([21 / 20, 30 / 30])
+  text = reproduce._languages_text({"figures": f, "steps": 300, "seeds": [0]})
+  assert "200: 0.88 / 1.05, 300: 0.83 / 1.00" in text
+
+
 def test_time_to_reach_only_from_runs_alone_and_not_resumed(tmp_path):
   evals = [(100, {"t": 4.0}), (200, {"t": 3.0})]
   def summary(name, load, seconds=(50.0, 100.0)):
@@ -183,6 +206,19 @@ def test_time_to_reach_only_from_runs_alone_and_not_resumed(tmp_path):
   # A resumed run: its first eval row was written before this command started.
   resumed = summary("resumed", 0.1, seconds=(-500.0, 100.0))
   assert resumed["eval_seconds"] is None and reproduce.time_to_reach(alone, resumed) is None
+
+
+def test_alone_starts_a_run_only_once_the_machine_is_idle(tmp_path, monkeypatch):
+  # The load average the machine reports: busy twice (a run just ended), then idle (read again
+  # for the record).
+  loads = iter([1.9, 0.8, 0.3, 0.3])
+  sleeps = []
+  monkeypatch.setattr(os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+  monkeypatch.setattr(claims.time, "sleep", sleeps.append)
+  claims.run_one([sys.executable, "-c", "pass"], str(tmp_path / "run"), 10, alone=True)
+  assert len(sleeps) == 2
+  with open(tmp_path / "run" / "load_at_start") as f:
+    assert float(f.read()) == 0.3  # what the run's time is judged by: below 0.5
 
 
 def test_a_claim_with_a_data_gin_leaves_the_task_to_it(tmp_path):
