@@ -251,7 +251,7 @@ CLAIMS.update({
         "Larger batches (64 rows) at equal FLOPs per token (manual pages)",
         (_DENSE, _SWITCH), (0,), extra=("BATCH_SIZE=64",)),
     # The run length: 3x the steps (the rsqrt schedule does not depend on it, so the first
-    # 1,500 steps are the plain claim's); step_ratio_by_length tells whether the step ratio
+    # 1,500 steps are the plain claim's); the analysis's by_length tells whether the step ratio
     # falls as the run grows.
     "multilingual_long": dataclasses.replace(_multilingual(
         "3x longer runs: the step ratio by run length (manual pages)",
