@@ -203,11 +203,12 @@ def _finished(model_dir: str, steps: int) -> bool:
   return bool(train) and train[-1]["step"] >= steps
 
 
-def wait_until_idle(poll_seconds: float = 10.0) -> None:
+def wait_until_idle(poll_seconds: float = 10.0) -> float:
   """Blocks until the 1-minute load average is below ALONE_LOAD (after a run it stays high for
-  a minute or two)."""
-  while os.getloadavg()[0] >= ALONE_LOAD:
+  a minute or two); returns that load average."""
+  while (load := os.getloadavg()[0]) >= ALONE_LOAD:
     time.sleep(poll_seconds)
+  return load
 
 
 def run_one(cmd: Sequence[str], model_dir: str, steps: int, alone: bool = False
@@ -217,11 +218,10 @@ def run_one(cmd: Sequence[str], model_dir: str, steps: int, alone: bool = False
   has them; None if unknown)."""
   seconds_file = os.path.join(model_dir, "wall_seconds")
   if not _finished(model_dir, steps):
-    if alone:
-      wait_until_idle()
+    load = wait_until_idle() if alone else os.getloadavg()[0]
     os.makedirs(model_dir, exist_ok=True)
     with open(os.path.join(model_dir, "load_at_start"), "w") as f:
-      f.write(f"{os.getloadavg()[0]:.3f}\n")  # 1-minute load average: was the machine idle?
+      f.write(f"{load:.3f}\n")  # 1-minute load average: was the machine idle?
     start = time.time()
     with open(os.path.join(model_dir, "started_at"), "w") as f:
       f.write(f"{start:.2f}\n")  # Unix seconds: metrics.jsonl's row times count from here

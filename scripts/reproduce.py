@@ -415,21 +415,24 @@ def _languages(t: Trained) -> dict[str, Any]:
   dense_final = {task: float(curve(dense, task)[-1]) for task in tasks}
   from moe_jax import evaluation  # pylint: disable=import-outside-toplevel  (jax: only here)
   names = dict(zip(tasks, evaluation.short_task_names(tasks)))
+  dense_curve = _mean_curve(dense)[1]
   variants = {}
   for label, runs in others:
+    run_curve = _mean_curve(runs)[1]
     gap = {names[k]: dense_final[k] - float(curve(runs, k)[-1]) for k in tasks}
     per_seed = {names[k]: [d["eval_tasks"][k][-1] - r["eval_tasks"][k][-1]
                            for d, r in zip(dense, runs)] for k in tasks}
     reach = {names[k]: steps_to_reach(steps, curve(runs, k), dense_final[k]) for k in tasks}
-    overall = steps_to_reach(steps, _mean_curve(runs)[1], _mean_curve(dense)[1][-1])
+    overall = steps_to_reach(steps, run_curve, dense_curve[-1])
     measured = [time_to_reach(d, r) for d, r in zip(dense, runs)]
     # The same two ratios had the runs stopped at each earlier eval (the first eval is left
     # out: a curve that starts below the target has no step before it to interpolate from).
     by_length = []
-    for j, s in list(enumerate(steps))[1:]:
-      at = steps_to_reach(steps, _mean_curve(runs)[1], _mean_curve(dense)[1][j])
-      by_length.append({"steps": s, "step_ratio": at / s if at else None, "time_ratio":
-                        _time_ratio([time_to_reach(d, r, j) for d, r in zip(dense, runs)])})
+    for j in range(1, len(steps)):
+      at = steps_to_reach(steps, run_curve, dense_curve[j])
+      times = [time_to_reach(d, r, j) for d, r in zip(dense, runs)]
+      by_length.append({"steps": steps[j], "step_ratio": at / steps[j] if at else None,
+                        "time_ratio": _time_ratio(times)})
     variants[label] = {
         "languages_ahead": sum(g > 0 for g in gap.values()), "languages": len(gap),
         "mean_gap": float(np.mean(list(gap.values()))), "gap": gap, "gap_per_seed": per_seed,

@@ -209,9 +209,8 @@ def test_time_to_reach_only_from_runs_alone_and_not_resumed(tmp_path):
 
 
 def test_alone_starts_a_run_only_once_the_machine_is_idle(tmp_path, monkeypatch):
-  # The load average the machine reports: busy twice (a run just ended), then idle (read again
-  # for the record).
-  loads = iter([1.9, 0.8, 0.3, 0.3])
+  # The load average the machine reports: busy twice (a run just ended), then idle.
+  loads = iter([1.9, 0.8, 0.3])
   sleeps = []
   monkeypatch.setattr(os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
   monkeypatch.setattr(claims.time, "sleep", sleeps.append)
