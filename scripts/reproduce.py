@@ -99,6 +99,10 @@ def _multilingual(title: str, variants: tuple[Variant, ...], seeds: tuple[int, .
 # switch_tiny at the same FLOPs per token.
 _EVERY_LAYER_32 = Variant("Switch, every layer sparse, 32 experts", "switch",
                           ("ENCODER_SPARSE_STEP=1", "DECODER_SPARSE_STEP=1", "NUM_EXPERTS=32"))
+# The first of them alone: every layer sparse with 8 experts, 2x the expert parameters, while each
+# expert still sees 1/8 of its layer's tokens (1/32 above).
+_EVERY_LAYER = Variant("Switch, every layer sparse", "switch",
+                       ("ENCODER_SPARSE_STEP=1", "DECODER_SPARSE_STEP=1"))
 
 
 # The independent training control: HF transformers' (PyTorch) T5 and Switch, trained by
@@ -245,6 +249,9 @@ CLAIMS.update({
     "multilingual_levers": _multilingual(
         "More sparse layers and experts at equal FLOPs (manual pages)",
         (_DENSE, _SWITCH, _EVERY_LAYER_32), (0,)),
+    "multilingual_layers": _multilingual(
+        "More sparse layers alone at equal FLOPs (manual pages)",
+        (_DENSE, _SWITCH, _EVERY_LAYER), (0,)),
     # The third lever: twice the tokens per step (BATCH_SIZE 64), so each expert sees twice
     # the tokens per step and the run twice the data.
     "multilingual_batch": _multilingual(
@@ -255,7 +262,7 @@ CLAIMS.update({
     # falls as the run grows.
     "multilingual_long": dataclasses.replace(_multilingual(
         "3x longer runs: the step ratio by run length (manual pages)",
-        (_DENSE, _SWITCH), (0,)), steps=4500),
+        (_DENSE, _SWITCH), (0, 1)), steps=4500),
     "torch_control_stdlib": _control(
         "PyTorch control on the Python stdlib: HF and moe_jax, same batches",
         "pystdlib_prefix_lm", ("data.get_vocabulary.corpus='pystdlib'",), 20),
