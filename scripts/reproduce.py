@@ -94,15 +94,14 @@ def _multilingual(title: str, variants: tuple[Variant, ...], seeds: tuple[int, .
                data_gin="manpages.gin")
 
 
-# Two of the levers the papers name for more MoE gain, together: a sparse FFN in every layer (2
-# per stack instead of 1) and more experts (32 instead of 8): 16x the expert parameters of
-# switch_tiny at the same FLOPs per token.
-_EVERY_LAYER_32 = Variant("Switch, every layer sparse, 32 experts", "switch",
-                          ("ENCODER_SPARSE_STEP=1", "DECODER_SPARSE_STEP=1", "NUM_EXPERTS=32"))
-# The first of them alone: every layer sparse with 8 experts, 2x the expert parameters, while each
-# expert still sees 1/8 of its layer's tokens (1/32 above).
+# Two of the levers the papers name for more MoE gain: a sparse FFN in every layer (2 per stack
+# instead of 1; alone, 2x the expert parameters, each expert still seeing 1/8 of its layer's
+# tokens), and with it more experts (32 instead of 8): 16x the expert parameters of switch_tiny at
+# the same FLOPs per token, each expert seeing 1/32 of the tokens.
 _EVERY_LAYER = Variant("Switch, every layer sparse", "switch",
                        ("ENCODER_SPARSE_STEP=1", "DECODER_SPARSE_STEP=1"))
+_EVERY_LAYER_32 = Variant("Switch, every layer sparse, 32 experts", "switch",
+                          (*_EVERY_LAYER.bindings, "NUM_EXPERTS=32"))
 
 
 # The independent training control: HF transformers' (PyTorch) T5 and Switch, trained by
