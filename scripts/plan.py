@@ -8,7 +8,7 @@ jax.eval_shape on an AbstractMesh, so 256 or 2048 devices plan on a laptop. Prin
 gradients and Adafactor state per device, one MoE layer's dispatch mask / combine weights /
 expert inputs and hidden, the all-to-all bytes per step, the peak of the start of a run
 (restart, sparse upcycling) and whether it fits the HBM.
-The arithmetic lives in moe_jax.partitioning (plan_memory, moe_layer_bytes).
+The arithmetic lives in moe_jax.memory_planner (plan_memory, moe_layer_bytes).
 
 --compile upcycle (or fresh; repeatable) also compiles that start step of the trainer
 (Trainer.compile_init) for the mesh on as many simulated CPU devices, ahead of time: nothing
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moe_jax import config, optimizers, partitioning, trainer
+from moe_jax import config, memory_planner, optimizers, partitioning, trainer
 from moe_jax.checkpoints import orbax_utils
 
 START_STEPS = ("fresh", "upcycle")
@@ -74,7 +74,7 @@ def compile_start(model: Any, mesh: str, steps: Sequence[str], shapes: dict[str,
 def build_plan(gin_files: Sequence[str], mesh: str, *, batch_size: int, inputs_length: int,
                targets_length: int, optimizer: str = "adafactor", hbm_gib: float | None = None,
                gin_bindings: Sequence[str] = (), compile_steps: Sequence[str] = ()
-               ) -> partitioning.MemoryPlan:
+               ) -> memory_planner.MemoryPlan:
   """Parse the model gin, trace it abstractly on `mesh` ('data:32,expert:8,model:1');
   compile_steps: START_STEPS to compile too (see compile_start)."""
   part = partitioning.Partitioner.abstract(mesh)
@@ -94,7 +94,7 @@ def build_plan(gin_files: Sequence[str], mesh: str, *, batch_size: int, inputs_l
       "decoder_loss_weights": jax.ShapeDtypeStruct((batch_size, targets_length), jnp.float32),
   }
   # A training step: rng given -> train capacity factor, as the trainer's loss.
-  layers = partitioning.moe_geometries(model.loss_fn, nn.unbox(params), batch,
+  layers = memory_planner.moe_geometries(model.loss_fn, nn.unbox(params), batch,
                                        jax.random.key(0), batch_partitions=part.batch_partitions)
   for layer in layers:
     part.validate(num_experts=layer.num_experts, num_groups=layer.num_groups)
@@ -104,7 +104,7 @@ def build_plan(gin_files: Sequence[str], mesh: str, *, batch_size: int, inputs_l
     sharded = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                            nn.unbox(params), part.params_shardings(params))
     dense, fresh = upcycle_trees(sharded)
-  plan = partitioning.plan_memory(part, params, optimizer_for(optimizer, params), layers, hbm,
+  plan = memory_planner.plan_memory(part, params, optimizer_for(optimizer, params), layers, hbm,
                                   upcycle_dense=dense, upcycle_fresh=fresh)
   if compile_steps:
     plan.compiled = compile_start(model, mesh, compile_steps,
@@ -114,7 +114,7 @@ def build_plan(gin_files: Sequence[str], mesh: str, *, batch_size: int, inputs_l
   return plan
 
 
-def main(argv: Sequence[str] | None = None) -> partitioning.MemoryPlan:
+def main(argv: Sequence[str] | None = None) -> memory_planner.MemoryPlan:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--gin_file", action="append", required=True, dest="gin_files")
   parser.add_argument("--gin_bindings", action="append", default=[],

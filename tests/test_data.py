@@ -11,7 +11,7 @@ import sentencepiece as spm
 import seqio
 import tensorflow_datasets as tfds
 
-from moe_jax import data, evaluation
+from moe_jax import data, evaluation, objectives
 
 LENGTHS = {"inputs": 32, "targets": 8}
 
@@ -109,13 +109,13 @@ def test_vocabulary_is_cached_and_concurrent_first_use_is_safe(tmp_path, monkeyp
 
 
 def test_random_spans_helper_matches_t5():
-  assert data.random_spans_helper(512) == (568, 114)  # T5's span corruption lengths
-  assert data.random_spans_helper(32) == (34, 8)
+  assert objectives.random_spans_helper(512) == (568, 114)  # T5's span corruption lengths
+  assert objectives.random_spans_helper(32) == (34, 8)
 
 
 @pytest.mark.parametrize("length", [2, 3, 10, 34, 100, 568])
 def test_noise_mask_structure(length):
-  mask = data.random_spans_noise_mask(length, 0.15, seeds=[(1, 2), (3, 4)]).numpy()
+  mask = objectives.random_spans_noise_mask(length, 0.15, seeds=[(1, 2), (3, 4)]).numpy()
   num_noise = min(max(int(np.round(length * 0.15)), 1), length - 1)
   starts = np.flatnonzero(mask & ~np.r_[False, mask[:-1]])
   assert mask.shape == (length,) and mask.sum() == num_noise
@@ -125,7 +125,7 @@ def test_noise_mask_structure(length):
 
 def test_span_corruption_reconstructs_corpus_with_t5_statistics():
   lengths = {"inputs": 512, "targets": 114}  # T5's pre-training lengths
-  tokens_length, _ = data.random_spans_helper(512)
+  tokens_length, _ = objectives.random_spans_helper(512)
   vocab = data.get_vocabulary()
   examples = _examples("pydocs_span_corruption", lengths, "train")
   pieces, noise_spans = [], []

@@ -15,7 +15,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe_jax import moe_layer, partitioning, routing
+from moe_jax import memory_planner, moe_layer, partitioning, routing
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import multihost_worker  # noqa: E402
@@ -245,7 +245,7 @@ def test_expert_weight_bytes_fall_with_expert_partitions():
     shardings = part.params_shardings(toy_abstract()["params"])
     params = jax.device_put(host, shardings)
     sizes[shape[1]] = bytes_per_device({"wi": params["wi"], "wo": params["wo"]})
-    assert partitioning.tree_bytes_per_device(params, shardings, part.mesh_sizes) == \
+    assert memory_planner.tree_bytes_per_device(params, shardings, part.mesh_sizes) == \
         bytes_per_device(params)
   full = 2 * 8 * 32 * 64 * 4
   assert sizes == {x: full // x for x in (1, 2, 4, 8)}
@@ -415,7 +415,7 @@ def _compiled(part, layer, train: bool):
 def _geometry(layer, part):
   x, _ = layer_inputs()
   params = jax.eval_shape(lambda: layer.init(jax.random.key(1), x, deterministic=True))["params"]
-  geometries = partitioning.moe_geometries(
+  geometries = memory_planner.moe_geometries(
       lambda p, x: layer.apply({"params": nn.unbox(p)}, x, deterministic=False, mutable=["moe"]),
       params, x, batch_partitions=part.batch_partitions)
   assert len(geometries) == 1
@@ -444,7 +444,7 @@ def test_compiled_expert_parallel_layer_uses_all_to_all(shape):
         assert sorted(s) != sorted((8, M, H)) and math.prod(s) < 8 * M * H, s
 
   # The planner's all-to-all figures are what the compiled program sends (f32: 4 bytes).
-  planned = partitioning.moe_layer_bytes(part, _geometry(layer, part))
+  planned = memory_planner.moe_layer_bytes(part, _geometry(layer, part))
   sent = lambda hlo: sum(math.prod(s) for shapes in _collective_shapes(hlo, "all-to-all")  # noqa
                          for s in shapes) * 4 * (x_parts - 1) // x_parts
   assert sent(fwd) == planned["all_to_all_forward"]
@@ -479,7 +479,7 @@ def test_planner_matches_real_shards(shape):
 
   abstract, host = layer_params(layer)
   opt = optax.adafactor(1e-2, min_dim_size_to_factor=8)
-  plan = partitioning.plan_memory(part, abstract["params"], opt, [geometry])
+  plan = memory_planner.plan_memory(part, abstract["params"], opt, [geometry])
   params = jax.device_put(host, part.params_shardings(abstract)["params"])
   state = part.jit(opt.init, out_shardings=part.opt_state_shardings(opt, abstract["params"]))(
       params)

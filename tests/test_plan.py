@@ -1,4 +1,4 @@
-"""Memory planner (moe_jax.partitioning.plan_memory, scripts/plan.py): figures worked out by
+"""Memory planner (moe_jax.memory_planner.plan_memory, scripts/plan.py): figures worked out by
 hand, a paper-size model on 256 and 2048 abstract devices, and a tiny model checked against
 real shards on the 8 simulated devices."""
 import importlib.util
@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from moe_jax import partitioning
+from moe_jax import memory_planner, partitioning
 from test_partitioning import bytes_per_device
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -32,8 +32,8 @@ MiB = 2**20
 def test_moe_layer_bytes_by_hand():
   # Switch-Base encoder layer, batch 256 x 512 tokens, group size 1024, bfloat16 activations.
   g, s, e, c, m, h = 128, 1024, 128, 10, 768, 3072
-  layer = partitioning.MoeLayerGeometry("enc", g, s, e, c, m, h, num_wi=1, dtype_bytes=2)
-  got = partitioning.moe_layer_bytes(partitioning.Partitioner.abstract("data:32,expert:8"), layer)
+  layer = memory_planner.MoeLayerGeometry("enc", g, s, e, c, m, h, num_wi=1, dtype_bytes=2)
+  got = memory_planner.moe_layer_bytes(partitioning.Partitioner.abstract("data:32,expert:8"), layer)
   # 128 groups over 256 batch shards: 1 group per device (padded); experts 16 per device,
   # groups 128 / 32 data = 4 per device on the expert side.
   assert got["dispatch_mask"] == 1 * 1024 * 128 * 10 * 2 == 2.5 * MiB
@@ -44,25 +44,25 @@ def test_moe_layer_bytes_by_hand():
   assert got["all_to_all_forward"] == got["all_to_all_backward"] == sent
 
   # Gated (wi_0, wi_1) with 2-way model parallelism: hidden split on h, buffers replicated on m.
-  gated = partitioning.MoeLayerGeometry("dec", 64, 512, 64, 8, 1024, 4096, num_wi=2)
-  got = partitioning.moe_layer_bytes(partitioning.Partitioner.abstract("data:4,expert:16,model:2"),
-                                     gated)
+  gated = memory_planner.MoeLayerGeometry("dec", 64, 512, 64, 8, 1024, 4096, num_wi=2)
+  got = memory_planner.moe_layer_bytes(
+      partitioning.Partitioner.abstract("data:4,expert:16,model:2"), gated)
   assert got["dispatch_mask"] == 1 * 512 * 64 * 8 * 4
   assert got["expert_inputs"] == 4 * 16 * 8 * 1024 * 4
   assert got["expert_hidden"] == 2 * 4 * 16 * 8 * 2048 * 4
   assert got["all_to_all_forward"] == 2 * 4 * 16 * 8 * 1024 * 4 * 15 // 16
 
   # No expert axis: no all-to-all.
-  got = partitioning.moe_layer_bytes(partitioning.Partitioner.abstract("data:8"), layer)
+  got = memory_planner.moe_layer_bytes(partitioning.Partitioner.abstract("data:8"), layer)
   assert got["all_to_all_forward"] == got["all_to_all_backward"] == 0
 
 
 def test_only_einsum_dispatch_is_planned():
   part = partitioning.Partitioner.abstract("data:2,expert:4")
-  layer = partitioning.MoeLayerGeometry("enc/mlp", 8, 8, 8, 2, 12, 16, dispatch="indices")
+  layer = memory_planner.MoeLayerGeometry("enc/mlp", 8, 8, 8, 2, 12, 16, dispatch="indices")
   with pytest.raises(ValueError, match="models the einsum dispatch, not 'indices'"):
-    partitioning.moe_layer_bytes(part, layer)
-  p = partitioning.plan_memory(part, {}, optax.sgd(1.0), [layer])
+    memory_planner.moe_layer_bytes(part, layer)
+  p = memory_planner.plan_memory(part, {}, optax.sgd(1.0), [layer])
   assert p.moe_layers == [] and p.all_to_all_per_step == 0
   assert "not counted (only the einsum dispatch is planned): enc/mlp (indices)" in p.notes[-1]
 
