@@ -262,6 +262,11 @@ CLAIMS.update({
     "multilingual_long": dataclasses.replace(_multilingual(
         "3x longer runs: the step ratio by run length (manual pages)",
         (_DENSE, _SWITCH), (0, 1)), steps=4500),
+    # The best lever at 1,500 steps (every layer sparse) run as long: its dense runs are
+    # multilingual_long's commands, so they are shared with it.
+    "multilingual_layers_long": dataclasses.replace(_multilingual(
+        "Every layer sparse, 3x longer runs: the step ratio by run length (manual pages)",
+        (_DENSE, _EVERY_LAYER), (0, 1)), steps=4500),
     "torch_control_stdlib": _control(
         "PyTorch control on the Python stdlib: HF and moe_jax, same batches",
         "pystdlib_prefix_lm", ("data.get_vocabulary.corpus='pystdlib'",), 20),
